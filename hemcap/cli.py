@@ -57,6 +57,28 @@ def subcommand(add):
 
 
 @subcommand
+def _add_quickstart(sub) -> None:
+    quick = sub.add_parser("quickstart", help="run the whole toolkit offline on the built-in default")
+    quick.add_argument("--data", choices=("synthetic", "wbcatt"), default="synthetic",
+                       help="synthetic cells (offline default) or the real WBCAtt data")
+    quick.add_argument("--data-dir", help="for --data wbcatt: folder with wbcatt/ and pbc/ (e.g. ../shared/data)")
+    quick.add_argument("--runs-dir", default="runs", help="each run writes a new folder here")
+    quick.add_argument("--seed", type=int, default=0)
+    quick.set_defaults(run=_run_quickstart)
+
+
+def _run_quickstart(args) -> int:
+    from pathlib import Path
+
+    from hemcap.quickstart import QuickstartOptions, run
+
+    options = QuickstartOptions(args.data, Path(args.data_dir) if args.data_dir else None, Path(args.runs_dir), args.seed)
+    for key, value in run(options).items():
+        print(f"{key:>10}: {value}")
+    return 0
+
+
+@subcommand
 def _add_prepare(sub) -> None:
     prepare = sub.add_parser("prepare", help="turn attribute annotations into a captioned dataset")
     recipes = prepare.add_subparsers(dest="recipe", required=True, metavar="RECIPE")
