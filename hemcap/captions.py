@@ -25,7 +25,7 @@ _ARTICLES = frozenset({"a", "an", "the"})
 # One spelling for the words captions use, so either spelling parses.
 _SPELLING = {"color": "colour", "colored": "coloured", "leukemia": "leukaemia", "gray": "grey"}
 _BOUNDARY = "|"  # stands for punctuation, so no phrase matches across a clause break
-_TOKEN = re.compile(r"n\s*[:/]\s*c(?![^\W_])|[^\W_]+|[.,;:!?()\[\]{}]", re.UNICODE)
+_TOKEN = re.compile(r"n\s*[:/]\s*c(?![^\W_])|[^\W_]+|[.,;:!?()\[\]{}]", re.UNICODE | re.IGNORECASE)
 _AN = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
@@ -35,16 +35,24 @@ class CaptionError(ValueError):
 
 def normalize_tokens(text: str) -> list[str]:
     """Lower-case word tokens of ``text``; punctuation becomes a boundary token."""
-    tokens = []
-    for token in _TOKEN.findall(text.lower()):
-        if token[0] == "n" and len(token) > 1 and not token[1].isalnum():
-            token = "nc"  # "N:C", "n / c"
-        elif not token[0].isalnum():
-            token = _BOUNDARY
-        elif token in _ARTICLES:
-            continue
-        tokens.append(_SPELLING.get(token, token))
-    return tokens
+    return [t for t in map(_normal_token, _TOKEN.findall(text)) if t]  # findall: the parser's hot path
+
+
+def _normal_token(raw: str) -> str | None:
+    token = raw.lower()
+    if token[0] == "n" and len(token) > 1 and not token[1].isalnum():
+        return "nc"  # "N:C", "n / c"
+    if not token[0].isalnum():
+        return _BOUNDARY
+    if token in _ARTICLES:
+        return None
+    return _SPELLING.get(token, token)
+
+
+def _normal_tokens(text: str) -> list[tuple[str, re.Match]]:
+    """``(token, match)`` pairs: each normalised token and where it came from in ``text``."""
+    pairs = ((_normal_token(m.group()), m) for m in _TOKEN.finditer(text))
+    return [(token, m) for token, m in pairs if token]
 
 
 def normalize(text: str) -> str:
@@ -181,11 +189,13 @@ def compiled_parser(schema: str | Schema) -> "Parser":
 
 @dataclass(frozen=True)
 class PhraseMatch:
-    """Where a phrase was found in the normalised text, and what it states."""
+    """A phrase found in a text, where it stands, and what it states."""
 
-    phrase: str
-    start: int  # token index
-    end: int
+    phrase: str  # normalised
+    start: int  # first normalised token
+    end: int  # one past the last normalised token
+    char_start: int  # the span in the original text
+    char_end: int
     assignment: Mapping[str, str]
 
 
@@ -198,11 +208,15 @@ class Parser:
         self.pattern = re.compile(r"(?<!\S)(?:" + _trie_regex(self.assignments) + r")(?!\S)")
 
     def matches(self, text: str) -> list[PhraseMatch]:
-        normal = normalize(text)
+        """Every phrase in ``text`` with its span, e.g. to find the tokens behind an attribute."""
+        tokens = _normal_tokens(text)
+        normal = " ".join(token for token, _ in tokens)
         found = []
         for m in self.pattern.finditer(normal):
             start = normal.count(" ", 0, m.start())
-            found.append(PhraseMatch(m.group(), start, start + m.group().count(" ") + 1, self.assignments[m.group()]))
+            end = start + m.group().count(" ") + 1
+            span = (tokens[start][1].start(), tokens[end - 1][1].end())
+            found.append(PhraseMatch(m.group(), start, end, *span, self.assignments[m.group()]))
         return found
 
     def parse(self, text: str) -> ParsedAttributes:

@@ -100,8 +100,12 @@ def test_longest_phrase_wins():
 
 
 def test_phrase_matches_locate_the_evidence():
-    matches = compiled_parser("wbcatt").matches("Neutrophil, large and round.")
-    assert [(m.phrase, m.start, m.end) for m in matches] == [("neutrophil", 0, 1), ("large and round", 2, 5)]
+    text = "Neutrophil, Large and round; a LOW N:C ratio."
+    matches = compiled_parser("wbcatt").matches(text)
+    assert [(m.phrase, m.start, m.end) for m in matches] == [
+        ("neutrophil", 0, 1), ("large and round", 2, 5), ("low nc ratio", 6, 9)]
+    assert [text[m.char_start : m.char_end] for m in matches] == ["Neutrophil", "Large and round", "LOW N:C ratio"]
+    assert matches[2].assignment == {"nuclear_cytoplasmic_ratio": "low"}
 
 
 def test_render_rejects_bad_attributes():
