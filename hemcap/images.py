@@ -3,7 +3,7 @@
 Every failure becomes an ``ImageError`` naming the file and the problem, so a batch can report it
 and go on. Huge images are refused before decoding (decompression bombs), and unusual modes are
 converted to 8-bit RGB: grayscale replicated, alpha composited on white, 16-bit scaled, CMYK
-converted.
+converted. ``square_crop`` cuts the square, context-padded cell crops the captioners take.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from PIL import Image, UnidentifiedImageError
 # 40 MP: a 6000 x 6000 whole-slide tile; larger inputs should be tiled first.
 MAX_PIXELS = 40_000_000
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"})
+NOT_AN_IMAGE = "skipped: not an image file (by its name)"  # iter_images' note for other files in a folder
 _MODE_NAMES = {
     "L": "grayscale", "LA": "grayscale with alpha", "1": "1-bit", "P": "palette", "PA": "palette with alpha",
     "RGBA": "RGBA (alpha channel)", "CMYK": "CMYK", "I;16": "16-bit grayscale", "I;16B": "16-bit grayscale",
@@ -57,10 +58,17 @@ def probe(path: str | Path, max_pixels: int = MAX_PIXELS) -> ImageInfo:
     return info
 
 
-def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """The image as 8-bit RGB, whatever its mode; ImageError if it cannot be read."""
+def load_rgb(path: str | Path, max_pixels: int = MAX_PIXELS, notes: list[str] | None = None) -> Image.Image:
+    """The image as 8-bit RGB, whatever its mode; ImageError if it cannot be read.
+
+    When the file was not 8-bit RGB, a line saying what was converted is appended to ``notes``.
+    """
     with _open(path, max_pixels) as image:
         _load(image, path)
+        if notes is not None and image.mode != "RGB":
+            kind = " ".join(filter(None, (describe_mode(image.mode), image.format)))
+            notes.append(f"converted {kind} image to 8-bit RGB"
+                         + (" (alpha composited on white)" if _has_alpha(image) else ""))
         return to_rgb(image)
 
 
@@ -70,7 +78,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image.copy()
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         return _scale_to_8bit(np.asarray(image, dtype=np.float64))
-    if "A" in image.mode or (image.mode == "P" and "transparency" in image.info):
+    if _has_alpha(image):
         rgba = image.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
         canvas.paste(rgba, mask=rgba.getchannel("A"))
@@ -78,13 +86,41 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def _has_alpha(image: Image.Image) -> bool:
+    return "A" in image.mode or (image.mode == "P" and "transparency" in image.info)
+
+
 def _scale_to_8bit(values: np.ndarray) -> Image.Image:
-    high = 65535.0 if values.max(initial=0) > 255 else 255.0
-    if values.max(initial=0) > 65535 or values.min(initial=0) < 0:  # float or 32-bit: stretch to range
-        values = values - values.min()
-        high = max(values.max(), 1.0)
+    """Integer data scaled by the full range of its bit depth (8, 10, 12, 14 or 16 bits: cameras store
+    12-bit data in 16-bit files); float or out-of-range data stretched to its own min..max."""
+    top = values.max(initial=0)
+    depth = next((bits for bits in (8, 10, 12, 14, 16) if top < 2**bits), None)
+    if depth is None or values.min(initial=0) < 0 or not np.all(np.mod(values, 1) == 0):
+        values = values - values.min(initial=0)
+        high = max(values.max(initial=0), 1.0)
+    else:
+        high = 2.0**depth - 1
     gray = np.clip(values / high * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return Image.fromarray(gray).convert("RGB")
+
+
+def square_crop(image: Image.Image, box, margin: float = 0.25, size: int | None = None,
+                fill: tuple[int, int, int] | None = None) -> Image.Image:
+    """A square RGB crop centred on ``box`` = (x0, y0, x1, y1), ``margin`` of the box's longer side
+    added on each side, resized to ``size`` x ``size`` when given. Parts outside the image are
+    filled with ``fill`` (default: the image's median colour, the slide background on a smear)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * margin)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
+    extent = max(1, int(round(side)))
+    if fill is None:
+        fill = tuple(int(v) for v in np.median(np.asarray(image.reduce(8)).reshape(-1, 3), axis=0))
+    canvas = Image.new("RGB", (extent, extent), tuple(fill))
+    inside = (max(0, left), max(0, top), min(image.width, left + extent), min(image.height, top + extent))
+    if inside[0] < inside[2] and inside[1] < inside[3]:
+        canvas.paste(image.crop(inside), (inside[0] - left, inside[1] - top))
+    return canvas.resize((size, size), Image.BICUBIC) if size else canvas
 
 
 def _open(path: str | Path, max_pixels: int) -> Image.Image:
@@ -135,7 +171,7 @@ def iter_images(paths: Iterable[str | Path]) -> Iterator[tuple[Path, str | None]
     for entry in map(Path, paths):
         if entry.is_dir():
             for child in sorted(p for p in entry.rglob("*") if p.is_file()):
-                yield child, None if child.suffix.lower() in IMAGE_SUFFIXES else "skipped: not an image file"
+                yield child, None if child.suffix.lower() in IMAGE_SUFFIXES else NOT_AN_IMAGE
         elif entry.exists():
             yield entry, None
         else:

@@ -1,0 +1,629 @@
+"""Find the white blood cells on a smear image: a weight-free stain detector, a ``Detector``
+protocol other detectors plug into, adapters for predictions saved by other tools, square crops
+for the captioner, and COCO JSON output.
+
+The stain detector needs no trained weights. It works on optical density relative to the slide
+background, ``OD_c = ln(background_c / I_c)``, through two contrasts of a Romanowsky stain:
+
+- ``violet = OD_red - OD_blue``: high in nuclei and in the lilac cytoplasm of white cells,
+  negative in red cells (they pass red light);
+- ``stain = OD_green - OD_blue``: high in every part of a white cell, eosinophil granules
+  included, low in red cells and in the background.
+
+A pixel belongs to a white cell when the violet or stain contrast is high, when both are
+modestly positive (pale cytoplasm), or when it is red or orange (eosinophil granules) close to a
+nucleus. A morphological opening removes red-cell rims and platelets; an Otsu threshold of
+``violet`` inside the cells marks the nuclei; a watershed from the nuclei splits touching cells,
+and regions sharing a long border (lobes of one nucleus) are merged again. Each cell's box is the
+bounding box of its region grown by a small margin, so it holds the cytoplasm; its score grows
+with the nucleus area and drops when the image border cuts the cell.
+
+The thresholds were tuned on the BCCD train split only (``eval/bench_detect.py --tune``), and the
+granule rule checked on ``hemcap.synthetic`` smears; the test split gave only the final figures.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Collection, Iterable, Iterator, Protocol, Union
+
+import numpy as np
+from PIL import Image
+
+ImageLike = Union[Image.Image, np.ndarray]
+Box = tuple[float, float, float, float]
+
+
+@dataclass(frozen=True)
+class Detection:
+    """One white cell: its box in pixels of the input image and a confidence in [0, 1]."""
+
+    box: Box  # (x0, y0, x1, y1), pixel edges: x1 - x0 is the width
+    score: float
+    label: str = "WBC"
+
+    @property
+    def width(self) -> float:
+        return self.box[2] - self.box[0]
+
+    @property
+    def height(self) -> float:
+        return self.box[3] - self.box[1]
+
+
+class Detector(Protocol):
+    """Anything that finds cells: ``detector(image, path=None) -> list[Detection]``.
+
+    ``path`` names the file the image came from; detectors that look up predictions saved by
+    another tool need it, the stain detector ignores it.
+    """
+
+    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]: ...
+
+
+# ------------------------------------------------------------------------------ stain detector
+
+
+@dataclass(frozen=True)
+class StainDetectorConfig:
+    """Thresholds of the weight-free detector. Lengths and areas are in pixels of a BCCD image
+    (640x480 fields, red cells ~100 px and white cells 100-250 px across); ``scale`` converts them."""
+
+    scale: float = 1.0  # image pixels per BCCD pixel: your red-cell diameter / 100 (hemcap.synthetic smears: 0.6)
+    work_scale: int = 4  # at scale 1, segment at 1/4 of the input size (160x120): 5x faster, same boxes
+    background_quantile: float = 0.75  # pixels brighter than this quantile set the slide background colour
+    smooth_px: float = 3.0  # Gaussian sigma on optical density, averages eosinophil granules into an area
+    violet_min: float = 0.06  # violet above this: nucleus or lilac cytoplasm
+    stain_min: float = 0.15  # stain above this: granules or dense cytoplasm, whatever the violet
+    pale_stain_min: float = 0.05  # pale cytoplasm: stain above this ...
+    pale_violet_min: float = 0.01  # ... and violet above this (red cells and their rims sit below 0)
+    granule_redness_min: float = 0.2  # OD_green - OD_red above this near a nucleus: eosinophil granules,
+    granule_reach_px: float = 60.0  # ... within this distance of a nucleus core (red in BCCD, orange in MGG/PBC)
+    opening_px: float = 12.0  # disk radius of the opening that cuts red-cell rims and platelets away
+    nucleus_otsu_range: tuple[float, float] = (0.1, 0.3)  # Otsu threshold of violet inside cells, clipped
+    min_nucleus_area: float = 120.0  # px^2; smaller nucleus seeds are ignored
+    min_cell_area: float = 4000.0  # px^2; smaller regions are platelet clumps (smallest BCCD train WBC: 5,776)
+    lobe_contact: float = 0.75  # merge two regions whose shared border >= this x the smaller one's diameter
+    box_margin: float = 0.03  # grow each box by this share of its longer side (BCCD boxes leave a small gap)
+    score_nucleus_area: float = 3000.0  # score = 1 - exp(-nucleus area / this) ...
+    truncation_penalty: float = 0.5  # ... x (1 - this x share of the cell's diameter lying on the image border)
+    min_score: float = 0.0  # drop detections scoring below this
+
+    def __post_init__(self):
+        problems = _config_problems(self)
+        if problems:
+            raise ValueError("StainDetectorConfig: " + "; ".join(problems))
+
+
+def _config_problems(cfg: StainDetectorConfig) -> list[str]:
+    problems = []
+    if not cfg.scale > 0:
+        problems.append(f"scale must be > 0, got {cfg.scale}")
+    if not (isinstance(cfg.work_scale, int) and cfg.work_scale >= 1):
+        problems.append(f"work_scale must be an integer >= 1, got {cfg.work_scale!r}")
+    if not 0 < cfg.background_quantile < 1:
+        problems.append(f"background_quantile must be in (0, 1), got {cfg.background_quantile}")
+    for name in ("smooth_px", "granule_reach_px", "opening_px", "min_nucleus_area", "min_cell_area",
+                 "lobe_contact", "box_margin", "score_nucleus_area"):
+        if getattr(cfg, name) < 0:
+            problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
+    low, high = cfg.nucleus_otsu_range
+    if low > high:
+        problems.append(f"nucleus_otsu_range must be (low, high) with low <= high, got {cfg.nucleus_otsu_range}")
+    for name in ("truncation_penalty", "min_score"):
+        if not 0 <= getattr(cfg, name) <= 1:
+            problems.append(f"{name} must be in [0, 1], got {getattr(cfg, name)}")
+    return problems
+
+
+class StainDetector:
+    """The weight-free detector: ``StainDetector(config)(image) -> list[Detection]``."""
+
+    def __init__(self, config: StainDetectorConfig | None = None):
+        self.config = config or StainDetectorConfig()
+
+    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
+        cfg = self.config
+        factor = max(1, round(cfg.work_scale * cfg.scale))
+        small = _shrink(as_pil_rgb(image), factor)
+        px = cfg.scale * small.width / image_size(image)[0]  # working pixels per BCCD pixel
+        violet, stain = stain_contrasts(np.asarray(small), cfg.background_quantile, cfg.smooth_px * px)
+        regions, nuclei = segment_cells(violet, stain, cfg, px)
+        return _detections(regions, nuclei, cfg, image_size(image))
+
+
+def detect(image: ImageLike, config: StainDetectorConfig | None = None) -> list[Detection]:
+    """White cells on a smear image with the weight-free stain detector."""
+    return StainDetector(config)(image)
+
+
+def as_pil_rgb(image: ImageLike) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    array = np.asarray(image)
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (3, 4):
+        raise ValueError(f"expected an HxWx3 RGB array, got shape {array.shape}")
+    if array.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 array, got {array.dtype} (load files with hemcap.images.load_rgb)")
+    return Image.fromarray(array[..., :3])
+
+
+def image_size(image: ImageLike) -> tuple[int, int]:
+    """(width, height)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    return int(image.shape[1]), int(image.shape[0])
+
+
+def _shrink(image: Image.Image, factor: int) -> Image.Image:
+    factor = min(factor, image.width, image.height)
+    return image.reduce(factor) if factor > 1 else image
+
+
+def stain_contrasts(rgb: np.ndarray, background_quantile: float = 0.75,
+                    sigma: float = 0.75) -> tuple[np.ndarray, np.ndarray]:
+    """``(violet, stain)`` maps of an RGB uint8 array (module docstring), smoothed by ``sigma`` pixels."""
+    from scipy import ndimage as ndi
+
+    pixels = rgb.astype(np.float32)
+    brightness = pixels.sum(axis=-1)
+    background = np.median(pixels[brightness >= np.quantile(brightness, background_quantile)], axis=0)
+    density = np.log(np.maximum(background, 1.0) / np.maximum(pixels, 1.0))
+    if sigma > 0:
+        density = ndi.gaussian_filter(density, (sigma, sigma, 0))
+    violet = density[..., 0] - density[..., 2]
+    stain = density[..., 1] - density[..., 2]
+    return violet, stain
+
+
+def segment_cells(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig,
+                  px: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(regions, nuclei)``: a label image with one label per white cell, and the nucleus mask.
+    ``px`` is the size of a BCCD pixel in pixels of these maps."""
+    from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
+
+    cells = white_cell_mask(violet, stain, cfg, px)
+    nuclei = cells & (violet > _nucleus_threshold(violet, cells, cfg.nucleus_otsu_range))
+    seeds = _drop_small(ndi.label(nuclei)[0], cfg.min_nucleus_area * px**2)
+    if not seeds.any():
+        return np.zeros(violet.shape, np.int32), nuclei
+    depth = ndi.distance_transform_edt(cells)  # splits along the neck between touching cells
+    regions = watershed(-depth, seeds, mask=cells)
+    regions = merge_lobes(regions, cfg.lobe_contact)
+    return _drop_small(regions, cfg.min_cell_area * px**2), nuclei
+
+
+def white_cell_mask(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig, px: float) -> np.ndarray:
+    from scipy import ndimage as ndi
+
+    cells = (violet > cfg.violet_min) | (stain > cfg.stain_min)
+    cells |= (stain > cfg.pale_stain_min) & (violet > cfg.pale_violet_min)
+    cells |= granule_mask(violet, stain, cfg, px)
+    cells = binary_opening_disk(cells, cfg.opening_px * px)
+    return ndi.binary_fill_holes(cells)
+
+
+def granule_mask(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig, px: float) -> np.ndarray:
+    """Red or orange granules (high OD_green - OD_red) close to a nucleus core: eosinophil cytoplasm.
+    Red cells are redder than the background too, hence the leash to a nucleus."""
+    from scipy import ndimage as ndi
+
+    core = violet > sum(cfg.nucleus_otsu_range) / 2  # the middle of the nucleus threshold range
+    if not core.any():
+        return core
+    near = ndi.distance_transform_edt(~core) <= cfg.granule_reach_px * px
+    return near & (stain - violet > cfg.granule_redness_min)  # stain - violet = OD_green - OD_red
+
+
+def binary_opening_disk(mask: np.ndarray, radius: float) -> np.ndarray:
+    """Opening by a disk of ``radius`` through two distance transforms: its cost does not grow with the radius."""
+    from scipy import ndimage as ndi
+
+    if radius <= 0:
+        return mask
+    eroded = ndi.distance_transform_edt(mask) > radius
+    return ndi.distance_transform_edt(~eroded) <= radius
+
+
+def _nucleus_threshold(violet: np.ndarray, cells: np.ndarray, clip: tuple[float, float]) -> float:
+    from skimage.filters import threshold_otsu
+
+    values = violet[cells]
+    if values.size < 2 or values.min() == values.max():
+        return clip[1]
+    return float(np.clip(threshold_otsu(values), *clip))
+
+
+def _drop_small(labels: np.ndarray, min_area: float) -> np.ndarray:
+    areas = np.bincount(labels.ravel())
+    keep = areas >= min_area
+    keep[0] = False
+    return np.where(keep[labels], labels, 0)
+
+
+def merge_lobes(regions: np.ndarray, min_contact: float) -> np.ndarray:
+    """Merge neighbouring regions whose shared border is at least ``min_contact`` times the smaller
+    one's equivalent diameter: lobes of one nucleus share a long border, touching cells a short neck."""
+    regions = regions.copy()
+    while (pair := _most_connected_pair(regions, min_contact)) is not None:
+        regions[regions == pair[1]] = pair[0]
+    return regions
+
+
+def _most_connected_pair(regions: np.ndarray, min_contact: float) -> tuple[int, int] | None:
+    from scipy import ndimage as ndi
+
+    areas = np.bincount(regions.ravel())
+    best, best_ratio = None, min_contact
+    for label, window in enumerate(ndi.find_objects(regions), 1):
+        if window is None:
+            continue
+        local = regions[tuple(slice(max(0, w.start - 1), w.stop + 1) for w in window)]  # 1 px of neighbours
+        own = local == label
+        for other in np.unique(local[ndi.binary_dilation(own) & ~own]):
+            if other <= label:
+                continue
+            contact = np.count_nonzero(own & ndi.binary_dilation(local == other))
+            ratio = contact / (2 * math.sqrt(min(areas[label], areas[other]) / math.pi))
+            if ratio >= best_ratio:
+                best, best_ratio = (label, int(other)), ratio
+    return best
+
+
+def _detections(regions: np.ndarray, nuclei: np.ndarray, cfg: StainDetectorConfig,
+                size: tuple[int, int]) -> list[Detection]:
+    from skimage.measure import regionprops
+
+    fx, fy = size[0] / regions.shape[1], size[1] / regions.shape[0]  # work pixels -> input pixels
+    found = []
+    for region in regionprops(regions):
+        nucleus_area = np.count_nonzero(nuclei[region.slice] & region.image) * fx * fy / cfg.scale**2
+        score = 1 - math.exp(-nucleus_area / max(cfg.score_nucleus_area, 1e-9))
+        score *= 1 - cfg.truncation_penalty * min(1.0, _border_share(region, regions.shape))
+        if score >= cfg.min_score:
+            found.append(Detection(_grown_box(region.bbox, cfg.box_margin, fx, fy, size), round(score, 4)))
+    return sorted(found, key=lambda d: -d.score)
+
+
+def _border_share(region, shape: tuple[int, int]) -> float:
+    """Pixels of the region on the image border, as a share of its equivalent diameter."""
+    y0, x0, y1, x1 = region.bbox
+    mask = region.image
+    on_border = (mask[0].sum() if y0 == 0 else 0) + (mask[-1].sum() if y1 == shape[0] else 0)
+    on_border += (mask[:, 0].sum() if x0 == 0 else 0) + (mask[:, -1].sum() if x1 == shape[1] else 0)
+    return float(on_border) / (2 * math.sqrt(region.area / math.pi))
+
+
+def _grown_box(bbox, margin: float, fx: float, fy: float, size: tuple[int, int]) -> Box:
+    y0, x0, y1, x1 = bbox
+    x0, x1, y0, y1 = x0 * fx, x1 * fx, y0 * fy, y1 * fy
+    grow = margin * max(x1 - x0, y1 - y0)
+    return (max(0.0, x0 - grow), max(0.0, y0 - grow), min(float(size[0]), x1 + grow), min(float(size[1]), y1 + grow))
+
+
+# ------------------------------------------------------------------------------ crops
+
+
+def crop_cells(image: ImageLike, detections: Iterable[Detection], size: int | None = 384,
+               margin: float = 0.6) -> list[Image.Image]:
+    """One square RGB crop per detection, centred on its box, ``margin`` of the box's longer side
+    added on each side, resized to ``size`` (the captioner's input side; None keeps the pixels).
+    Parts beyond the image border are filled with the slide background colour.
+
+    The default margin frames the cell as the PBC images the captioners learn from do: the cell
+    spans ~45% of the crop (PBC: ~140 of 360 px), neighbouring red cells around it.
+    """
+    from hemcap.images import square_crop
+
+    picture = as_pil_rgb(image)
+    fill = background_colour(picture)
+    return [square_crop(picture, d.box, margin, size, fill) for d in detections]
+
+
+def background_colour(image: Image.Image) -> tuple[int, int, int]:
+    """The slide background: median colour of the brightest quarter of the pixels."""
+    pixels = np.asarray(_shrink(image, 4), dtype=np.float32).reshape(-1, 3)
+    brightness = pixels.sum(axis=1)
+    bright = pixels[brightness >= np.quantile(brightness, 0.75)]
+    return tuple(int(round(v)) for v in np.median(bright, axis=0))
+
+
+# ------------------------------------------------------------------------------ predictions of other tools
+
+
+class YoloPredictions:
+    """Detections another tool saved in YOLO txt format: one ``<stem>.txt`` per image, one line per
+    box, ``class cx cy w h [score]`` in coordinates normalised to the image size. An image without a
+    file has no detections (YOLO writes no file then). ``classes`` keeps only those class ids."""
+
+    def __init__(self, directory: str | Path, classes: Collection[int] | None = None, label: str = "WBC"):
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise FileNotFoundError(f"YOLO predictions folder {self.directory} not found")
+        self.classes = None if classes is None else {int(c) for c in classes}
+        self.label = label
+
+    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
+        if path is None:
+            raise ValueError("YoloPredictions finds boxes by image file name: call it with path=")
+        file = self.directory / f"{Path(path).stem}.txt"
+        if not file.exists():
+            return []
+        return read_yolo(file, image_size(image), self.classes, self.label)
+
+
+def read_yolo(file: str | Path, size: tuple[int, int], classes: Collection[int] | None = None,
+              label: str = "WBC") -> list[Detection]:
+    """Boxes of one YOLO txt file, in pixels of an image of ``size`` (width, height)."""
+    found = []
+    for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        cls, box, score = _parse_yolo_line(line, f"{file}, line {number}")
+        if classes is None or cls in classes:
+            found.append(Detection(_yolo_box(box, size), score, label))
+    return found
+
+
+def _parse_yolo_line(line: str, where: str) -> tuple[int, list[float], float]:
+    parts = line.split()
+    if len(parts) not in (5, 6):
+        raise ValueError(f"{where}: expected 'class cx cy w h [score]', got {line.strip()!r}")
+    try:
+        cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
+    except ValueError:
+        raise ValueError(f"{where}: not numbers: {line.strip()!r}") from None
+    return cls, values[:4], values[4] if len(values) == 5 else 1.0
+
+
+def _yolo_box(cxcywh: list[float], size: tuple[int, int]) -> Box:
+    cx, cy, w, h = cxcywh
+    width, height = size
+    return ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
+
+
+class CocoPredictions:
+    """Detections another tool saved as COCO JSON, found by image file name.
+
+    Reads a dataset-style file (``images`` + ``annotations`` with a ``score``, as ``hemcap detect``
+    writes) or a results list (``[{"image_id", "category_id", "bbox", "score"}, ...]``); for a
+    results list, ``images`` names the dataset JSON mapping ids to file names, else an ``image_id``
+    must equal the file's stem (ultralytics' convention). ``categories`` keeps only those ids or names.
+    """
+
+    def __init__(self, file: str | Path, images: str | Path | None = None,
+                 categories: Collection[int | str] | None = None, label: str = "WBC"):
+        data = _read_json(Path(file))
+        names = _image_names(data if isinstance(data, dict) else _read_json(Path(images)) if images else {})
+        annotations = data.get("annotations", []) if isinstance(data, dict) else data
+        keep = _category_filter(data if isinstance(data, dict) else {}, categories)
+        self.by_name: dict[str, list[Detection]] = {}
+        for number, ann in enumerate(annotations):
+            if keep is None or ann.get("category_id") in keep:
+                name = names.get(ann.get("image_id"), str(ann.get("image_id")))
+                self.by_name.setdefault(name, []).append(_coco_detection(ann, f"{file}, annotation {number}", label))
+
+    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
+        if path is None:
+            raise ValueError("CocoPredictions finds boxes by image file name: call it with path=")
+        path = Path(path)
+        for key in (path.name, path.stem, str(path)):
+            if key in self.by_name:
+                return list(self.by_name[key])
+        return []
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"COCO file {path} not found") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not valid JSON ({error})") from None
+
+
+def _image_names(data: dict) -> dict:
+    """image id -> file name (without folders), from a COCO dataset's ``images``."""
+    return {image["id"]: Path(image["file_name"]).name for image in data.get("images", [])}
+
+
+def _category_filter(data: dict, categories: Collection[int | str] | None) -> set | None:
+    if categories is None:
+        return None
+    by_name = {c.get("name"): c.get("id") for c in data.get("categories", [])}
+    unknown = [c for c in categories if isinstance(c, str) and c not in by_name]
+    if unknown:
+        raise ValueError(f"categories {unknown} are not among the file's categories {sorted(by_name)}")
+    return {by_name[c] if isinstance(c, str) else c for c in categories}
+
+
+def _coco_detection(ann: dict, where: str, label: str) -> Detection:
+    try:
+        x, y, w, h = (float(v) for v in ann["bbox"])
+        score = float(ann.get("score", 1.0))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{where}: needs a 'bbox' [x, y, w, h] of numbers, got {ann.get('bbox')!r}") from None
+    return Detection((x, y, x + w, y + h), score, label)
+
+
+class MinScore:
+    """Another detector's detections scoring at least ``min_score``."""
+
+    def __init__(self, detector: Detector, min_score: float):
+        self.detector, self.min_score = detector, min_score
+
+    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
+        return [d for d in self.detector(image, path=path) if d.score >= self.min_score]
+
+
+def build_detector(yolo_dir: str | Path | None = None, coco_json: str | Path | None = None,
+                   scale: float = 1.0, min_score: float = 0.0) -> Detector:
+    """The detector the command line asks for: saved YOLO or COCO predictions, else the stain detector."""
+    if yolo_dir and coco_json:
+        raise ValueError("give saved predictions as YOLO txt or as COCO JSON, not both")
+    if yolo_dir or coco_json:
+        saved = YoloPredictions(yolo_dir) if yolo_dir else CocoPredictions(coco_json)
+        return MinScore(saved, min_score) if min_score > 0 else saved
+    return StainDetector(StainDetectorConfig(scale=scale, min_score=min_score))
+
+
+# ------------------------------------------------------------------------------ COCO output
+
+
+@dataclass
+class ImageResult:
+    """Detections of one image, or the error that stopped it."""
+
+    path: Path
+    size: tuple[int, int] | None = None  # (width, height)
+    detections: list[Detection] = field(default_factory=list)
+    error: str | None = None  # why the file was not read; None when it was
+    notes: list[str] = field(default_factory=list)  # conversions done while reading it
+    skipped: bool = False  # a folder's non-image file (by its name), passed over without opening
+
+
+def to_coco(results: Iterable[ImageResult], label: str = "WBC", crop_names: list[list[str]] | None = None) -> dict:
+    """A COCO detection dataset of the images that were read: boxes ``[x, y, w, h]`` with a score.
+    ``crop_names`` (one list per image read, one name per detection) adds a ``crop`` to each box."""
+    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": label}]}
+    for result in (r for r in results if r.error is None):
+        image_id = len(coco["images"]) + 1
+        coco["images"].append({"id": image_id, "file_name": str(result.path),
+                               "width": result.size[0], "height": result.size[1]})
+        names = crop_names[image_id - 1] if crop_names else [None] * len(result.detections)
+        for d, name in zip(result.detections, names):
+            ann = _coco_annotation(len(coco["annotations"]) + 1, image_id, d)
+            coco["annotations"].append(ann if name is None else {**ann, "crop": name})
+    return coco
+
+
+def _coco_annotation(ann_id: int, image_id: int, d: Detection) -> dict:
+    x0, y0, x1, y1 = (round(float(v), 2) for v in d.box)
+    return {"id": ann_id, "image_id": image_id, "category_id": 1,
+            "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "area": round((x1 - x0) * (y1 - y0), 2),
+            "iscrowd": 0, "score": float(d.score)}
+
+
+def write_json(path: str | Path, data) -> Path:
+    """Write JSON atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            json.dump(data, stream, indent=1)
+            stream.write("\n")
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------ batches of files
+
+
+def detect_files(paths: Iterable[str | Path], detector: Detector | None = None,
+                 max_pixels: int | None = None) -> Iterator[ImageResult]:
+    """Run ``detector`` over image files and folders (expanded; other files skipped with a note).
+
+    Yields one ``ImageResult`` per file; a file that cannot be read or detected on carries its
+    ``error`` and the batch goes on.
+    """
+    for result, _ in _detect_each(paths, detector or StainDetector(), max_pixels):
+        yield result
+
+
+def _detect_each(paths, detector: Detector, max_pixels: int | None) -> Iterator[tuple[ImageResult, Image.Image | None]]:
+    from hemcap.images import MAX_PIXELS, NOT_AN_IMAGE, iter_images
+
+    for path, note in iter_images(paths):
+        if note is not None:
+            yield ImageResult(Path(path), error=note, skipped=note == NOT_AN_IMAGE), None
+        else:
+            yield _detect_file(Path(path), detector, max_pixels or MAX_PIXELS)
+
+
+def _detect_file(path: Path, detector: Detector, max_pixels: int) -> tuple[ImageResult, Image.Image | None]:
+    from hemcap.images import ImageError, load_rgb
+
+    notes: list[str] = []
+    try:
+        image = load_rgb(path, max_pixels=max_pixels, notes=notes)
+        detections = detector(image, path=path)
+    except ImageError as error:
+        return ImageResult(path, error=error.reason), None
+    except (ValueError, OSError) as error:  # a detector's complaint about this image only
+        return ImageResult(path, error=f"detection failed: {error}"), None
+    if isinstance(detector, StainDetector) and any("grayscale" in note for note in notes):
+        notes.append("the stain detector needs colour, so it finds no cells in a grayscale image")
+    return ImageResult(path, image.size, detections, notes=notes), image
+
+
+def write_detections(paths: Iterable[str | Path], out_dir: str | Path, detector: Detector | None = None,
+                     crop_size: int | None = 384, margin: float = 0.6, overwrite: bool = False,
+                     max_pixels: int | None = None) -> tuple[Path, list[ImageResult]]:
+    """Detect cells in every image and write ``out_dir`` atomically (a staging folder, then a rename):
+
+    - ``detections.json``: COCO boxes with scores for the images that were read; each
+      annotation names its crop;
+    - ``crops/<image stem>_<n>.png``: one square crop per cell, ``crop_size`` pixels a side;
+    - ``problems.json``: ``{"file", "error"}`` for each file that could not be read,
+      ``{"file", "skipped"}`` for a folder's other files, ``{"file", "note"}`` for conversions
+      (grayscale, 16-bit, alpha, CMYK).
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
+    try:
+        results, crop_names = [], []
+        for result, image in _detect_each(paths, detector or StainDetector(), max_pixels):
+            results.append(result)
+            if image is not None:
+                crops = crop_cells(image, result.detections, crop_size, margin)
+                crop_names.append(_save_crops(staging / "crops", result.path.stem, crops))
+        write_json(staging / "detections.json", to_coco(results, crop_names=crop_names))
+        write_json(staging / "problems.json", _problems(results))
+        _replace_dir(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out_dir, results
+
+
+def _save_crops(folder: Path, stem: str, crops: list[Image.Image]) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    prefix, copy = stem, 1
+    while crops and (folder / f"{prefix}_0.png").exists():  # two images with one stem
+        copy += 1
+        prefix = f"{stem}-{copy}"
+    names = [f"crops/{prefix}_{number}.png" for number in range(len(crops))]
+    for name, crop in zip(names, crops):
+        crop.save(folder.parent / name)
+    return names
+
+
+def _problems(results: list[ImageResult]) -> list[dict]:
+    rows = [{"file": str(r.path), "skipped" if r.skipped else "error": r.error} for r in results if r.error]
+    return rows + [{"file": str(r.path), "note": note} for r in results for note in r.notes]
+
+
+def _replace_dir(staging: Path, target: Path) -> None:
+    """Move the finished ``staging`` folder to ``target``; an old target goes only afterwards."""
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)

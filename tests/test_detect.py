@@ -1,0 +1,212 @@
+"""The weight-free detector on synthetic and BCCD smears, the prediction adapters, crops and batches."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hemcap.cli import main
+from hemcap.detect import (CocoPredictions, Detection, StainDetector, StainDetectorConfig, YoloPredictions,
+                           build_detector, crop_cells, detect, read_yolo, write_detections)
+from hemcap.synthetic import draw_smear
+
+SYNTHETIC = StainDetectorConfig(scale=0.6)  # hemcap.synthetic red cells are ~57 px across, BCCD's ~100
+
+
+def box_iou(a, b) -> float:
+    inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    area = lambda r: (r[2] - r[0]) * (r[3] - r[1])  # noqa: E731
+    return inter / (area(a) + area(b) - inter)
+
+
+def matched_ious(truth, found) -> list[float]:
+    """Greedy one-to-one matching by IoU, best pairs first."""
+    pairs = sorted(((box_iou(t, f.box), i, j) for i, t in enumerate(truth) for j, f in enumerate(found)), reverse=True)
+    used_t, used_f, ious = set(), set(), []
+    for iou, i, j in pairs:
+        if i not in used_t and j not in used_f and iou > 0:
+            used_t.add(i), used_f.add(j), ious.append(iou)
+    return ious
+
+
+@pytest.mark.parametrize("seed", [0, 1, 3, 7, 11, 42])
+def test_synthetic_smears_count_and_boxes(seed):
+    image, cells = draw_smear(seed)
+    found = StainDetector(SYNTHETIC)(image)
+    assert abs(len(found) - len(cells)) <= 1, f"seed {seed}: {len(found)} found, {len(cells)} drawn"
+    ious = matched_ious([c["box"] for c in cells], found)
+    assert len([i for i in ious if i >= 0.5]) >= len(cells) - 1
+    assert all(0 <= d.score <= 1 for d in found)
+
+
+def test_synthetic_eosinophil_is_found_with_its_granules():
+    image, cells = draw_smear(101, n_wbc=None)
+    eosinophils = [c["box"] for c in cells if c["attributes"]["cell_type"] == "Eosinophil"]
+    assert eosinophils, "seed 101 draws an eosinophil"
+    found = StainDetector(SYNTHETIC)(image)
+    assert max(box_iou(eosinophils[0], d.box) for d in found) >= 0.5
+
+
+def test_smear_without_white_cells_gives_nothing():
+    image, cells = draw_smear(3, n_wbc=0)
+    assert cells == [] and StainDetector(SYNTHETIC)(image) == []
+    assert detect(Image.new("RGB", (640, 480), (230, 225, 220))) == []
+    assert detect(np.zeros((5, 7, 3), np.uint8)) == []  # tiny and black
+
+
+def test_array_and_pil_inputs_agree():
+    image, _ = draw_smear(1)
+    assert StainDetector(SYNTHETIC)(np.asarray(image)) == StainDetector(SYNTHETIC)(image)
+
+
+def test_grayscale_input_finds_no_stain():
+    image, _ = draw_smear(0)
+    assert StainDetector(SYNTHETIC)(image.convert("L").convert("RGB")) == []
+
+
+def test_config_reports_every_problem_at_once():
+    with pytest.raises(ValueError) as error:
+        StainDetectorConfig(scale=0, background_quantile=1.5, min_score=2, nucleus_otsu_range=(0.3, 0.1))
+    message = str(error.value)
+    for name in ("scale", "background_quantile", "min_score", "nucleus_otsu_range"):
+        assert name in message
+
+
+def test_crops_are_square_resized_and_padded_at_the_border():
+    image = Image.new("RGB", (200, 100), (240, 240, 240))
+    image.paste((90, 40, 160), (0, 0, 40, 40))  # a "cell" in the corner
+    crops = crop_cells(image, [Detection((0, 0, 40, 40), 0.9)], size=64, margin=0.5)
+    assert len(crops) == 1 and crops[0].size == (64, 64)
+    pixels = np.asarray(crops[0])
+    assert pixels[2, 2].tolist() == [240, 240, 240]  # beyond the border: background colour, not black
+    assert pixels[32, 32].tolist() == [90, 40, 160]
+
+
+def test_yolo_adapter_reads_boxes_scores_and_classes(tmp_path):
+    (tmp_path / "smear1.txt").write_text("0 0.5 0.5 0.25 0.5 0.9\n1 0.1 0.1 0.1 0.1\n\n")
+    found = YoloPredictions(tmp_path, classes=[0])(np.zeros((100, 200, 3), np.uint8), path="data/smear1.jpg")
+    assert found == [Detection((75.0, 25.0, 125.0, 75.0), 0.9)]
+    assert len(read_yolo(tmp_path / "smear1.txt", (200, 100))) == 2  # no class filter; default score 1
+    assert YoloPredictions(tmp_path)(np.zeros((10, 10, 3), np.uint8), path="other.jpg") == []
+
+
+def test_yolo_adapter_names_bad_lines_and_needs_a_path(tmp_path):
+    (tmp_path / "bad.txt").write_text("0 0.5 0.5 0.2\n")
+    with pytest.raises(ValueError, match=r"bad.txt, line 1"):
+        YoloPredictions(tmp_path)(np.zeros((10, 10, 3), np.uint8), path="bad.png")
+    with pytest.raises(ValueError, match="path="):
+        YoloPredictions(tmp_path)(np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(FileNotFoundError):
+        YoloPredictions(tmp_path / "missing")
+
+
+def test_coco_adapter_reads_results_lists(tmp_path):
+    images = tmp_path / "images.json"
+    images.write_text(json.dumps({"images": [{"id": 7, "file_name": "folder/smear7.jpg"}],
+                                  "categories": [{"id": 1, "name": "WBC"}, {"id": 2, "name": "RBC"}]}))
+    results = [{"image_id": 7, "category_id": 1, "bbox": [10, 20, 30, 40], "score": 0.8},
+               {"image_id": 7, "category_id": 2, "bbox": [0, 0, 5, 5], "score": 0.9},
+               {"image_id": "smear9", "category_id": 1, "bbox": [1, 2, 3, 4], "score": 0.5}]
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    image = np.zeros((50, 50, 3), np.uint8)
+    by_id = CocoPredictions(tmp_path / "results.json", images=images)
+    assert len(by_id(image, path="/x/smear7.jpg")) == 2
+    wbc_only = CocoPredictions(tmp_path / "results.json", images=images, categories=[1])
+    assert wbc_only(image, path="smear7.jpg") == [Detection((10.0, 20.0, 40.0, 60.0), 0.8)]
+    assert CocoPredictions(tmp_path / "results.json")(image, path="smear9.png")[0].box == (1.0, 2.0, 4.0, 6.0)
+    with pytest.raises(ValueError, match="not among"):
+        CocoPredictions(images, categories=["Platelet"])
+
+
+def test_write_detections_round_trips_through_the_coco_adapter(tmp_path):
+    smear, cells = draw_smear(0)
+    smear.save(tmp_path / "smear.png")
+    out, results = write_detections([tmp_path / "smear.png"], tmp_path / "out", StainDetector(SYNTHETIC), crop_size=96)
+    coco = json.loads((out / "detections.json").read_text())
+    assert len(coco["annotations"]) == len(results[0].detections) == len(cells)
+    assert all((out / ann["crop"]).is_file() for ann in coco["annotations"])
+    assert Image.open(out / coco["annotations"][0]["crop"]).size == (96, 96)
+    again = CocoPredictions(out / "detections.json")(smear, path=tmp_path / "smear.png")
+    assert np.allclose([d.box for d in again], [d.box for d in results[0].detections], atol=0.01)
+
+
+def _mixed_folder(folder):
+    """A smear, a no-cell image, grayscale, RGBA, 16-bit, CMYK, corrupt, huge, text and a sub-folder."""
+    folder.mkdir()
+    smear, _ = draw_smear(7)
+    smear.save(folder / "smear.jpg", quality=92)
+    Image.new("RGB", (64, 48), (235, 230, 225)).save(folder / "empty.png")
+    smear.convert("L").save(folder / "gray.png")
+    smear.convert("RGBA").save(folder / "alpha.png")
+    Image.fromarray((np.asarray(smear.convert("L"), np.uint16) * 257)).save(folder / "deep.png")
+    smear.convert("CMYK").save(folder / "cmyk.jpg")
+    (folder / "broken.jpg").write_bytes((folder / "smear.jpg").read_bytes()[:2000])
+    Image.new("RGB", (1200, 1000)).save(folder / "huge.png")
+    (folder / "labels.csv").write_text("a,b\n")
+    (folder / "sub").mkdir()
+    smear.save(folder / "sub" / "smear.jpg", quality=92)  # same stem as the first one
+
+
+def test_batch_reports_each_bad_file_and_goes_on(tmp_path):
+    _mixed_folder(tmp_path / "in")
+    detector = StainDetector(SYNTHETIC)
+    out, results = write_detections([tmp_path / "in"], tmp_path / "out", detector, crop_size=64, max_pixels=1_000_000)
+    by_name = {r.path.relative_to(tmp_path / "in").as_posix(): r for r in results}
+    assert "corrupt or truncated" in by_name["broken.jpg"].error
+    assert "exceeds the limit of 1,000,000" in by_name["huge.png"].error
+    assert "not an image" in by_name["labels.csv"].error and by_name["labels.csv"].skipped
+    assert by_name["empty.png"].error is None and by_name["empty.png"].detections == []
+    assert by_name["smear.jpg"].detections and by_name["sub/smear.jpg"].detections
+    assert by_name["cmyk.jpg"].detections and by_name["alpha.png"].detections
+    assert any("grayscale" in n for n in by_name["gray.png"].notes) and by_name["gray.png"].detections == []
+    assert any("16-bit" in n for n in by_name["deep.png"].notes)
+    problems = json.loads((out / "problems.json").read_text())
+    assert {p["file"].split("/")[-1] for p in problems if "error" in p} == {"broken.jpg", "huge.png"}
+    assert [p["file"].split("/")[-1] for p in problems if "skipped" in p] == ["labels.csv"]
+    crops = sorted(p.name for p in (out / "crops").iterdir())
+    assert any(name.startswith("smear-2_") for name in crops)  # the second smear.jpg does not overwrite the first
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        write_detections([tmp_path / "in"], out, detector)
+
+
+def test_cli_detect(tmp_path, capsys):
+    smear, cells = draw_smear(11)
+    smear.save(tmp_path / "smear.png")
+    (tmp_path / "junk.jpg").write_text("nope")
+    code = main(["detect", str(tmp_path / "smear.png"), str(tmp_path / "junk.jpg"), "--out", str(tmp_path / "o"),
+                 "--scale", "0.6", "--crop-size", "32"])
+    captured = capsys.readouterr()
+    assert code == 0 and f"files: 1 read, 1 unreadable, 0 not images; {len(cells)} cells" in captured.out
+    assert "junk.jpg" in captured.err
+    assert main(["detect", str(tmp_path / "smear.png"), "--out", str(tmp_path / "o")]) == 2  # exists
+
+
+def test_build_detector_choices(tmp_path):
+    assert isinstance(build_detector(), StainDetector)
+    (tmp_path / "s.txt").write_text("0 0.5 0.5 0.5 0.5 0.2\n0 0.5 0.5 0.1 0.1 0.9\n")
+    saved = build_detector(yolo_dir=tmp_path, min_score=0.5)
+    assert [d.score for d in saved(np.zeros((10, 10, 3), np.uint8), path="s.png")] == [0.9]
+    with pytest.raises(ValueError, match="not both"):
+        build_detector(yolo_dir=tmp_path, coco_json=tmp_path / "x.json")
+
+
+BCCD_CASES = {"BloodImage_00065": 2, "BloodImage_00031": 2, "BloodImage_00007": 1}  # test split, labelled WBC
+
+
+@pytest.mark.realdata
+def test_bccd_smears(shared_data):
+    import xml.etree.ElementTree as ET
+
+    root = shared_data / "bccd"
+    if not (root / "JPEGImages").is_dir():
+        pytest.skip(f"BCCD not found at {root}")
+    from hemcap.images import load_rgb
+
+    for name, count in BCCD_CASES.items():
+        truth = [tuple(float(o.find("bndbox").findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+                 for o in ET.parse(root / "Annotations" / f"{name}.xml").getroot().iter("object")
+                 if o.findtext("name") == "WBC"]
+        found = detect(load_rgb(root / "JPEGImages" / f"{name}.jpg"))
+        assert len(truth) == count and len(found) == count, name
+        assert min(matched_ious(truth, found)) >= 0.7, name
