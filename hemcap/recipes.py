@@ -470,7 +470,7 @@ def get_split(dataset, split: str):
     """One split, with a message listing the splits there are when it is missing."""
     name = SPLIT_ALIASES.get(split, split)
     if name not in dataset:
-        raise KeyError(f"dataset has no split {split!r}; it has: {', '.join(dataset)}")
+        raise ValueError(f"dataset has no split {split!r}; it has: {', '.join(dataset)}")
     return dataset[name]
 
 

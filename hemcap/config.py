@@ -1,0 +1,473 @@
+"""Typed run configs for training: dataclasses, YAML loading, command-line overrides.
+
+A run config has six sections, each a dataclass: ``model``, ``data``, ``augment``, ``lora``,
+``train`` and ``eval``. A YAML file in ``configs/`` fills them; every key it leaves out keeps the
+default below. Command-line flags override the YAML (``--set train.lr=1e-4``, ``--lora``,
+``--model ID``...). Every section checks itself in ``__post_init__``; ``RunConfig.from_dict``
+gathers the problems of all sections and raises one ``ConfigError`` listing them all.
+
+This module imports no torch, so ``hemcap --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+class ConfigError(ValueError):
+    """A run config has problems; the message lists every one."""
+
+
+def _type_problems(obj) -> list[str]:
+    """Fields whose value does not match the annotation (ints are accepted for floats)."""
+    hints = typing.get_type_hints(type(obj))
+    problems = []
+    for f in dataclasses.fields(obj):
+        hint, value = hints[f.name], getattr(obj, f.name)
+        number = _as_float(value)
+        if number is not None and not _accepts(hint, value) and _accepts(hint, number):
+            value = number  # "lr: 1" means 1.0; YAML reads "lr: 1e-4" (no dot) as a string
+            setattr(obj, f.name, value)
+        if not _accepts(hint, value):
+            problems.append(f"{f.name}={value!r} should be {_type_name(hint)}")
+    return problems
+
+
+def _as_float(value) -> float | None:
+    if _is_int(value):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return None
+    return None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _accepts(hint, value) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_accepts(arg, value) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is Any:
+        return True
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_accepts(item, v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return isinstance(value, float)
+    return isinstance(value, hint)
+
+
+def _type_name(hint) -> str:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(hint))
+    return "null" if hint is type(None) else getattr(hint, "__name__", str(hint))
+
+
+def _one_of(name: str, value, allowed) -> list[str]:
+    return [] if value in allowed else [f"{name}={value!r} should be one of {', '.join(map(str, allowed))}"]
+
+
+def _positive(obj, *names: str, allow_none: bool = False) -> list[str]:
+    problems = []
+    for name in names:
+        value = getattr(obj, name)
+        if value is None and allow_none:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+            problems.append(f"{name}={value!r} should be > 0")
+    return problems
+
+
+def _in_range(obj, name: str, low: float, high: float) -> list[str]:
+    value = getattr(obj, name)
+    if isinstance(value, (int, float)) and low <= value <= high:
+        return []
+    return [f"{name}={value!r} should be between {low} and {high}"]
+
+
+class _Section:
+    """Runs the checks of a config section and raises with all its problems."""
+
+    def __post_init__(self):
+        problems = _type_problems(self)
+        if not problems:  # value checks assume the types are right
+            problems = self.problems()
+        if problems:
+            raise ConfigError("\n".join(f"{self.section}.{p}" for p in problems))
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass
+class ModelConfig(_Section):
+    """Which model to fine-tune and how to feed it."""
+
+    section = "model"
+    name_or_path: str | None = "Salesforce/blip-image-captioning-base"
+    """Hub id or local dir of the model to fine-tune (unused with init=scratch)."""
+    backend: str = "auto"
+    """blip, chat (a MedGemma-class image-text-to-text model) or auto (read from the model's config)."""
+    init: str = "pretrained"
+    """pretrained: load name_or_path; scratch: random weights and a tokenizer trained on the captions."""
+    vision_config: dict = field(default_factory=dict)
+    """init=scratch: vision-tower settings (image_size, patch_size, hidden_size, num_hidden_layers...)."""
+    text_config: dict = field(default_factory=dict)
+    """init=scratch: text-decoder settings (hidden_size, num_hidden_layers, num_attention_heads...)."""
+    config_overrides: dict = field(default_factory=dict)
+    """init=scratch: top-level model config settings (e.g. mm_tokens_per_image for chat models)."""
+    vocab_size: int = 1000
+    """init=scratch: vocabulary size of the tokenizer trained on the training captions."""
+    max_length: int = 128
+    """Longest training caption in tokens (blip: longer ones are truncated)."""
+    system_prompt: str = "You are an expert haematologist describing white blood cells in blood smears."
+    """chat: the system turn."""
+    prompt: str = "Describe the morphology of this white blood cell."
+    """chat: the user turn that goes with the image."""
+    freeze_vision: bool = False
+    """Keep the vision tower fixed; LoRA targets inside it are then an error."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (non-reentrant, so it works with LoRA)."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the caption loss (blip)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of name_or_path."""
+    trust_remote_code: bool = False
+    """Run model code shipped with a Hub repo; off unless you trust the repo."""
+
+    def problems(self) -> list[str]:
+        problems = _one_of("backend", self.backend, ("auto", "blip", "chat"))
+        problems += _one_of("init", self.init, ("pretrained", "scratch"))
+        problems += _positive(self, "vocab_size", "max_length")
+        problems += _in_range(self, "label_smoothing", 0.0, 1.0)
+        if self.init == "scratch" and self.backend == "auto":
+            problems.append("backend: init=scratch needs an explicit backend (blip or chat)")
+        if self.init == "pretrained" and not self.name_or_path:
+            problems.append("name_or_path: init=pretrained needs a Hub id or a local dir")
+        return problems
+
+
+@dataclass
+class DataConfig(_Section):
+    """Which prepared dataset to train on, and how captions are chosen."""
+
+    section = "data"
+    path: str = "runs/data/synthetic_tiny"
+    """Dataset dir written by `hemcap prepare` (relative paths are relative to the working dir)."""
+    synthetic: dict | None = None
+    """If set and `path` does not exist, first generate a synthetic set there (prepare_synthetic kwargs)."""
+    train_split: str = "train"
+    """Split to train on."""
+    val_split: str = "validation"
+    """Split to validate on (generation, parsed attributes, CIDEr)."""
+    captions: str = "canonical"
+    """canonical: train on `caption`; variants: a random choice among `captions` at every step."""
+    max_train_samples: int | None = None
+    """Use only the first N training rows (for quick runs)."""
+    cache_dir: str | None = None
+    """Where decoded, resized pixels are cached (default: <path>/.hemcap_cache)."""
+
+    def problems(self) -> list[str]:
+        problems = _one_of("captions", self.captions, ("canonical", "variants"))
+        problems += _positive(self, "max_train_samples", allow_none=True)
+        if not self.path:
+            problems.append("path: a dataset dir is needed")
+        return problems
+
+
+@dataclass
+class AugmentConfig(_Section):
+    """Augmentations applied to training images (on tensors, after the one-time decode)."""
+
+    section = "augment"
+    rotate90: bool = True
+    """Random 90-degree rotations: cells have no orientation."""
+    flip: bool = True
+    """Random horizontal flips (with the rotations: all 8 symmetries of the square)."""
+    color_jitter: float = 0.0
+    """Max relative change of brightness, contrast and saturation (0 = off)."""
+    stain_jitter: float = 0.0
+    """Max relative change of each colour channel's optical density, as other stains shift it (0 = off)."""
+
+    def problems(self) -> list[str]:
+        return _in_range(self, "color_jitter", 0.0, 1.0) + _in_range(self, "stain_jitter", 0.0, 1.0)
+
+
+@dataclass
+class LoraConfig(_Section):
+    """Low-rank adapters instead of full fine-tuning (`--lora` switches them on)."""
+
+    section = "lora"
+    enabled: bool = False
+    """Train LoRA adapters on a frozen base model."""
+    r: int = 8
+    """Rank of the adapters."""
+    alpha: int = 16
+    """Scaling numerator: the update is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input."""
+    target_modules: list[str] | str = "all-linear"
+    """Module names (matched as name suffixes), one regular expression, or all-linear."""
+    modules_to_save: list[str] = field(default_factory=list)
+    """Modules trained in full and saved with the adapter (e.g. lm_head)."""
+    quantize: str | None = None
+    """nf4: load the base in 4 bits through bitsandbytes (QLoRA); null: no quantization."""
+
+    def problems(self) -> list[str]:
+        problems = _positive(self, "r", "alpha") + _in_range(self, "dropout", 0.0, 1.0)
+        problems += _one_of("quantize", self.quantize, (None, "nf4"))
+        if isinstance(self.target_modules, list) and not self.target_modules:
+            problems.append("target_modules: the list is empty")
+        return problems
+
+
+@dataclass
+class TrainConfig(_Section):
+    """Optimisation, schedule, precision, logging and checkpoints."""
+
+    section = "train"
+    output_dir: str = "runs/train"
+    """Where checkpoints, logs and the final model go."""
+    overwrite: bool = False
+    """Start afresh even if output_dir holds an earlier run (its checkpoints are removed)."""
+    resume: str | None = None
+    """auto: continue from the latest checkpoint in output_dir (if any); or a checkpoint dir."""
+    seed: int = 0
+    """Seed for weights, batch order, caption choice and augmentations."""
+    batch_size: int = 8
+    """Images per device per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_steps: int | None = None
+    """Optimizer steps to train for (overrides epochs)."""
+    epochs: float | None = 1.0
+    """Passes over the training split, when max_steps is not set."""
+    max_minutes: float | None = None
+    """Stop (validate, save) once training has run this long, whatever the step."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    """AdamW betas."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: cosine, linear or constant."""
+    warmup_ratio: float = 0.1
+    """Share of the steps spent warming up linearly from 0."""
+    max_grad_norm: float | None = 1.0
+    """Clip the gradient norm to this (null: no clipping)."""
+    precision: str | None = None
+    """fp32, bf16 or fp16 (fp16 needs CUDA); null: bf16 on a CUDA GPU that has it, else fp32."""
+    log_every: int = 10
+    """Log loss, learning rate and samples/s every N steps."""
+    eval_every: int | None = None
+    """Validate every N steps (null: only at the end)."""
+    save_every: int | None = None
+    """Checkpoint every N steps (null: at every validation)."""
+    keep_last: int = 2
+    """Checkpoints kept besides the best one."""
+    patience: int | None = None
+    """Stop after this many validations without improvement (null: never)."""
+
+    def problems(self) -> list[str]:
+        problems = _positive(self, "batch_size", "grad_accum", "lr", "log_every", "keep_last")
+        problems += _positive(self, "max_steps", "epochs", "max_minutes", "eval_every", "save_every",
+                              "patience", "max_grad_norm", allow_none=True)
+        problems += _one_of("schedule", self.schedule, ("cosine", "linear", "constant"))
+        problems += _one_of("precision", self.precision, (None, *PRECISIONS))
+        problems += _in_range(self, "warmup_ratio", 0.0, 1.0)
+        if self.weight_decay < 0:
+            problems.append(f"weight_decay={self.weight_decay} should be >= 0")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            problems.append(f"betas={self.betas} should be two numbers in [0, 1)")
+        if self.max_steps is None and self.epochs is None:
+            problems.append("max_steps: set max_steps or epochs")
+        if self.resume not in (None, "auto") and not Path(self.resume).is_dir():
+            problems.append(f"resume={self.resume!r} is neither 'auto' nor a checkpoint dir")
+        return problems
+
+
+@dataclass
+class EvalConfig(_Section):
+    """Validation by generation: captions are generated, parsed and scored."""
+
+    section = "eval"
+    metric: str = "attribute_accuracy"
+    """Figure that picks the best checkpoint and drives early stopping: attribute_accuracy or cider."""
+    max_samples: int | None = None
+    """Validate on the first N rows of the split (null: all)."""
+    batch_size: int = 32
+    """Images per generate() call."""
+    max_new_tokens: int = 96
+    """Longest generated caption in tokens."""
+    num_beams: int = 1
+    """1: greedy decoding; more: beam search."""
+
+    def problems(self) -> list[str]:
+        problems = _one_of("metric", self.metric, ("attribute_accuracy", "cider"))
+        return problems + _positive(self, "batch_size", "max_new_tokens", "num_beams") + _positive(
+            self, "max_samples", allow_none=True)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "augment": AugmentConfig,
+            "lora": LoraConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+@dataclass
+class RunConfig:
+    """A whole training run: one instance of each section."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "<dict>") -> "RunConfig":
+        """Build and check every section; raise one ConfigError listing every problem."""
+        raw = raw or {}
+        problems = [f"unknown section {k!r} (sections: {', '.join(SECTIONS)})" for k in raw if k not in SECTIONS]
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            values = raw.get(name) or {}
+            if not isinstance(values, dict):
+                problems.append(f"{name}: expected a mapping, got {values!r}")
+                continue
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(values) - known)
+            problems += [f"{name}.{k}: unknown key (known: {', '.join(sorted(known))})" for k in unknown]
+            try:
+                sections[name] = section_cls(**{k: v for k, v in values.items() if k in known})
+            except ConfigError as error:
+                problems += str(error).splitlines()
+        problems += _cross_section_problems(sections)
+        if problems:
+            raise ConfigError(f"{source}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
+        return cls(**sections)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _cross_section_problems(sections: dict) -> list[str]:
+    model, lora, train = sections.get("model"), sections.get("lora"), sections.get("train")
+    problems = []
+    if model and lora and lora.quantize and model.init == "scratch":
+        problems.append("lora.quantize: 4-bit loading needs pretrained weights (model.init=pretrained)")
+    if lora and lora.quantize and not lora.enabled:
+        problems.append("lora.quantize: quantization is for LoRA only (set lora.enabled or pass --lora)")
+    if train and lora and train.precision == "fp16" and lora.quantize:
+        problems.append("train.precision: use bf16 with nf4 (QLoRA computes in bf16)")
+    return problems
+
+
+# ------------------------------------------------------------------------------ loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), **flags) -> RunConfig:
+    """The config in ``path`` (YAML) with ``--set`` overrides and explicit flags applied.
+
+    ``flags`` are the explicit command-line flags (``lora=True``, ``model="id"``, ...); None
+    values are ignored. Overrides are ``section.key=value``, the value read as YAML.
+    """
+    raw = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, _flag_overrides(flags) + list(overrides))  # --set has the last word
+    return RunConfig.from_dict(raw, source=str(path or "<defaults>"))
+
+
+# explicit flag -> the keys it sets (None: the flag's value)
+FLAG_KEYS = {
+    "lora": {"lora.enabled": None},
+    "model": {"model.name_or_path": None, "model.init": "pretrained", "model.backend": "auto"},
+    "data": {"data.path": None},
+    "output_dir": {"train.output_dir": None},
+    "resume": {"train.resume": None},
+    "overwrite": {"train.overwrite": None},
+}
+
+
+def _flag_overrides(flags: dict) -> list[tuple[str, Any]]:
+    unknown = set(flags) - set(FLAG_KEYS)
+    if unknown:
+        raise TypeError(f"unknown flags: {', '.join(sorted(unknown))}")
+    return [(key, value if fixed is None else fixed)
+            for name, value in flags.items() if value not in (None, False)
+            for key, fixed in FLAG_KEYS[name].items()]
+
+
+def apply_overrides(raw: dict, overrides: list) -> dict:
+    """A copy of ``raw`` with each ``"section.key=value"`` (or ``(key, value)`` pair) applied."""
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    problems = []
+    for item in overrides:
+        key, value = item if isinstance(item, tuple) else _split_override(item, problems)
+        if key is None:
+            continue
+        section, _, name = key.partition(".")
+        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+            problems.append(f"--set {key}: unknown key (keys look like train.lr or model.name_or_path)")
+            continue
+        if not isinstance(raw.get(section), dict):
+            raw[section] = {}
+        raw[section][name] = value
+    if problems:
+        raise ConfigError("bad overrides:\n  - " + "\n  - ".join(problems))
+    return raw
+
+
+def _split_override(item: str, problems: list[str]):
+    key, sep, text = item.partition("=")
+    if not sep or not key:
+        problems.append(f"--set {item!r}: expected section.key=value")
+        return None, None
+    return key.strip(), yaml.safe_load(text) if text.strip() else None
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The training flags, shared by ``hemcap train`` and ``hemcap/train.py``."""
+    parser.add_argument("--config", type=Path, help="YAML run config (see configs/)")
+    parser.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (lora.enabled=true)")
+    parser.add_argument("--model", help="Hub id or local dir of a pretrained model to fine-tune "
+                                        "(sets model.name_or_path, init=pretrained, backend=auto)")
+    parser.add_argument("--data", help="prepared dataset dir (data.path)")
+    parser.add_argument("--output-dir", help="where checkpoints, logs and the model go (train.output_dir)")
+    parser.add_argument("--resume", help="'auto' (latest checkpoint in the output dir) or a checkpoint dir")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="start afresh in an existing output dir")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override any config key, e.g. --set train.lr=1e-4 (repeatable; value read as YAML)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    flags = {name: getattr(args, name) for name in FLAG_KEYS}
+    return load_config(args.config, args.overrides, **flags)

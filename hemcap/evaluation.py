@@ -1,0 +1,118 @@
+"""``hemcap eval``: caption a prepared split with a trained model, then score and report it.
+
+Writes ``predictions.jsonl`` (enough to re-score with ``hemcap score``), ``metrics.json``,
+``report.md`` and plots into one folder, atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from hemcap.engine import CaptionEngine, EngineSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalOptions:
+    """What to evaluate and how."""
+
+    model_dir: Path  # a dir written by `hemcap train` (model or LoRA adapter)
+    data_dir: Path  # a dataset written by `hemcap prepare`
+    out_dir: Path  # the report folder to write
+    split: str = "test"  # split to caption and score
+    limit: int | None = None  # score only the first N rows (quick looks)
+    reannotations: Path | None = None  # WBCAtt re-annotation CSV: the human agreement ceiling
+    meteor: bool | None = None  # None: when Java is present
+    overwrite: bool = False  # replace out_dir if it exists
+    seed: int = 0  # picks the random example captions
+
+    def __post_init__(self):
+        problems = []
+        if not Path(self.model_dir).is_dir():
+            problems.append(f"model dir {self.model_dir} does not exist")
+        if not Path(self.data_dir).is_dir():
+            problems.append(f"dataset dir {self.data_dir} does not exist")
+        if self.limit is not None and self.limit < 1:
+            problems.append(f"limit must be >= 1 (got {self.limit})")
+        if Path(self.out_dir).exists() and not self.overwrite:
+            problems.append(f"output dir {self.out_dir} exists; pass --overwrite to replace it")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+def evaluate(options: EvalOptions, settings: EngineSettings | None = None) -> dict:
+    """Caption, score and report; returns the metrics."""
+    from hemcap.metrics import score_records, write_predictions
+    from hemcap.recipes import get_split, load_prepared, replace_dir
+    from hemcap.report import write_report
+
+    dataset, meta = load_prepared(options.data_dir)
+    rows = get_split(dataset, options.split)
+    if options.limit:
+        rows = rows.select(range(min(options.limit, len(rows))))
+    engine = CaptionEngine.from_dir(options.model_dir, schema=meta["schema"], **vars(settings or EngineSettings()))
+    records = caption_dataset(engine, rows)
+    staging = _staging_dir(Path(options.out_dir))
+    try:
+        write_predictions(records, staging / "predictions.jsonl")
+        metrics = score_records(
+            records, baseline_labels=_train_labels(options.data_dir, dataset), reannotations=options.reannotations,
+            meteor=options.meteor, seed=options.seed,
+            meta={"model": str(options.model_dir), "data": str(options.data_dir), "split": options.split},
+        )
+        write_report(metrics, staging)
+        replace_dir(staging, Path(options.out_dir), options.overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return metrics
+
+
+def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None) -> list[dict]:
+    """Prediction records (see ``hemcap.metrics``) for every row of a prepared split."""
+    from tqdm.auto import tqdm
+
+    schema = engine.schema
+    batch_size = batch_size or engine.settings.decode_chunk
+    records = []
+    with tqdm(total=len(rows), desc="captioning", unit="img") as bar:
+        for batch in _batches(rows, batch_size):
+            for row, caption in zip(batch, engine.caption_rows(batch)):
+                records.append(_record(row, caption, schema))
+            bar.update(len(batch))
+    return records
+
+
+def _batches(rows, size: int) -> Iterator[list[dict]]:
+    for start in range(0, len(rows), size):
+        block = rows[start : start + size]  # one columnar read per batch, images decoded here
+        yield [dict(zip(block, values)) for values in zip(*block.values())]
+
+
+def _record(row: dict, caption, schema) -> dict:
+    return {
+        "id": row["id"],
+        "caption": caption.text,
+        "references": list(row["captions"]) or [row["caption"]],
+        "reference_attributes": {name: row[name] for name in schema.field_names},
+        "attributes": caption.attributes,
+        "confidences": caption.confidences,
+        "schema": schema.name,
+    }
+
+
+def _train_labels(data_dir: Path, dataset) -> Path | None:
+    """The training split gives the majority-class baseline, when the dataset has one."""
+    return Path(data_dir) if "train" in dataset else None
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    staging = out_dir.parent / f".{out_dir.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    return staging
+

@@ -1,0 +1,508 @@
+"""Fine-tune a captioning model on a prepared dataset: ``setup -> main -> fit -> validate``.
+
+The same code runs on one CPU, one GPU or many, through ``accelerate``::
+
+    accelerate launch hemcap/train.py --config configs/blip_tiny.yaml [--lora]
+    hemcap train --config configs/blip_tiny.yaml [--lora]
+
+A step is one optimizer step over ``grad_accum`` micro-batches. Validation generates a caption
+for each validation image, parses its attributes and scores them (mean attribute accuracy, cell
+type accuracy, CIDEr-D); the best checkpoint and early stopping follow ``eval.metric``. Logs go
+to a progress bar, ``<output_dir>/log.jsonl`` and TensorBoard (``<output_dir>/tb``). The
+finished model, the best checkpoint's, is written to ``<output_dir>/model``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __name__ == "__main__" and not __package__:  # run as a script: import the package, not its siblings
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+
+import torch
+import yaml
+
+from hemcap import checkpoint, models
+from hemcap.config import ConfigError, RunConfig, add_train_arguments, config_from_args
+from hemcap.inputs import TrainBatches, decode_split
+
+log = logging.getLogger("hemcap.train")
+
+LOG_FILE = "log.jsonl"
+SUMMARY_FILE = "training.json"  # beside the final model: metrics, data, base model, config
+FINAL_MODEL_DIR = "model"
+SCRATCH_BASE_DIR = "base_model"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the batch."""
+
+
+@dataclass
+class ValSet:
+    """Validation images decoded once, with what their captions should say."""
+
+    pixels: torch.Tensor  # uint8 (N, 3, H, W)
+    ids: list[str]
+    references: list[list[str]]
+    truth: list[dict[str, str]]
+
+
+@dataclass
+class Run:
+    """Everything a training run holds between steps."""
+
+    cfg: RunConfig
+    accelerator: object
+    backend: models.Backend
+    model: torch.nn.Module  # backend.model as accelerate prepared it
+    optimizer: object
+    scheduler: object
+    batches: TrainBatches
+    val: ValSet
+    schema: object
+    train_ids: list[str]
+    out: Path
+    total_steps: int
+    data_meta: dict
+    state: dict = field(default_factory=dict)  # step, best, history, elapsed_s: saved in checkpoints
+
+
+# ------------------------------------------------------------------------------ entry points
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = add_train_arguments(argparse.ArgumentParser(prog="hemcap/train.py", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    return fit(config_from_args(args))
+
+
+def fit(cfg: RunConfig) -> Path:
+    """Train as ``cfg`` says; the path of the finished model."""
+    from tqdm.auto import tqdm
+
+    run = setup(cfg)
+    bar = tqdm(total=run.total_steps, initial=run.state["step"], disable=not run.accelerator.is_main_process,
+               desc="train")
+    clock, meter, stop_reason = _Clock(run.state["elapsed_s"]), _Meter(), None
+    while run.state["step"] < run.total_steps and stop_reason is None:
+        started = time.perf_counter()
+        loss = train_step(run, run.state["step"])
+        run.state["step"] += 1
+        run.state["elapsed_s"] = clock.elapsed()
+        meter.add(loss, time.perf_counter() - started)
+        bar.update(1)
+        if run.state["step"] % cfg.train.log_every == 0:
+            _log_training(run, meter, bar)
+        stop_reason = _between_steps(run)
+    bar.close()
+    if meter.steps:
+        _log_training(run, meter, bar)
+    if stop_reason:
+        log.info("stopping at step %d: %s", run.state["step"], stop_reason)
+    if run.state.get("last_eval_step") != run.state["step"]:
+        _evaluate_and_save(run)
+    return _finish(run)
+
+
+def _between_steps(run: Run) -> str | None:
+    """Validate or checkpoint when due; why the run should stop, if it should."""
+    tc, step = run.cfg.train, run.state["step"]
+    if tc.max_minutes and run.state["elapsed_s"] >= tc.max_minutes * 60:
+        return f"time budget of {tc.max_minutes} min reached"
+    if step == run.total_steps:
+        return None  # the final validation follows
+    if tc.eval_every and step % tc.eval_every == 0:
+        if _evaluate_and_save(run):
+            return f"no improvement in {tc.patience} validations"
+    elif tc.save_every and step % tc.save_every == 0:
+        _save(run)
+    return None
+
+
+# ------------------------------------------------------------------------------ setup
+
+
+def setup(cfg: RunConfig) -> Run:
+    """Accelerator, data, model (fresh or resumed), optimizer and schedule, ready for step 0 or k."""
+    from accelerate import Accelerator
+    from accelerate.utils import ProjectConfiguration, set_seed
+
+    out = Path(cfg.train.output_dir)
+    precision = resolve_precision(cfg.train.precision)
+    accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), log_with="tensorboard",
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tb")))
+    resume_dir = _resume_dir(cfg, out, accelerator)
+    set_seed(cfg.train.seed)
+    dataset, meta, schema = _load_data(cfg, accelerator)
+    train_split, val_split = dataset["train"], dataset["val"]
+    backend = build_backend(cfg, train_split, precision, out, resume_dir, accelerator)
+    with accelerator.main_process_first():  # one process decodes, the others read its cache
+        batches, train_ids = _train_batches(cfg, backend, train_split, out, accelerator)
+        val = _val_set(cfg, backend, val_split, schema, out)
+    optimizer = _optimizer(cfg, backend.model)
+    total = _total_steps(cfg, batches)
+    scheduler = _scheduler(cfg, optimizer, total)
+    model, optimizer = accelerator.prepare(backend.model, optimizer)  # the scheduler is stepped by hand
+    run = Run(cfg, accelerator, backend, model, optimizer, scheduler, batches, val, schema, train_ids, out, total, meta)
+    run.state = {"step": 0, "elapsed_s": 0.0, "best_metric": None, "best_step": None, "evals_since_best": 0,
+                 "history": []}
+    if resume_dir is not None:
+        run.state.update(checkpoint.load_training_state(resume_dir, optimizer, scheduler, accelerator.process_index))
+        log.info("resumed from %s at step %d", resume_dir, run.state["step"])
+    _start_logs(run)
+    return run
+
+
+def resolve_precision(precision: str | None) -> str:
+    """fp32, bf16 or fp16. The default is bf16 on a CUDA GPU that has it, fp32 elsewhere: bf16 on
+    a CPU depends on its bf16 kernels (slow without AVX512-BF16/AMX), so it is asked for, not assumed."""
+    if precision is None:
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("train.precision=fp16 needs a CUDA GPU; use fp32 (or bf16) on a CPU")
+    if precision == "bf16" and not torch.cuda.is_available():
+        log.warning("bf16 on a CPU: fast only with native bf16 kernels (AVX512-BF16 or AMX); compare with fp32")
+    return precision
+
+
+def _resume_dir(cfg: RunConfig, out: Path, accelerator) -> Path | None:
+    """The checkpoint to resume from; refuses to mix a fresh run into an earlier run's output dir."""
+    checkpoints = out / "checkpoints"
+    if cfg.train.resume == "auto":
+        found = checkpoint.latest_checkpoint(checkpoints)
+        if found is None:
+            log.info("--resume auto: no checkpoint in %s, starting afresh", checkpoints)
+        return found
+    if cfg.train.resume:
+        return Path(cfg.train.resume)
+    earlier = [p for p in (checkpoints, out / FINAL_MODEL_DIR, out / LOG_FILE) if p.exists()]
+    if earlier and not cfg.train.overwrite:
+        raise FileExistsError(f"{out} holds an earlier run ({', '.join(p.name for p in earlier)}); "
+                              "pass --resume auto to continue it or --overwrite to start afresh")
+    if earlier and accelerator.is_main_process:
+        for path in [*earlier, out / "tb", out / SCRATCH_BASE_DIR]:
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    accelerator.wait_for_everyone()
+    return None
+
+
+def _load_data(cfg: RunConfig, accelerator):
+    """The train and validation splits, generating the synthetic set first when the config asks for it."""
+    from hemcap.recipes import get_split, load_prepared, prepare_synthetic
+    from hemcap.schema import get_schema
+
+    path = Path(cfg.data.path)
+    if not path.exists() and cfg.data.synthetic is not None:
+        with accelerator.main_process_first():
+            if not path.exists():
+                log.info("generating the synthetic dataset %s", path)
+                prepare_synthetic(path, **cfg.data.synthetic)
+    if not path.exists():
+        raise FileNotFoundError(f"dataset {path} not found; make it with `hemcap prepare` (data.path)")
+    dataset, meta = load_prepared(path)
+    train = get_split(dataset, cfg.data.train_split)
+    if cfg.data.max_train_samples:
+        train = train.select(range(min(cfg.data.max_train_samples, len(train))))
+    val = get_split(dataset, cfg.data.val_split)
+    if cfg.eval.max_samples:
+        val = val.select(range(min(cfg.eval.max_samples, len(val))))
+    return {"train": train, "val": val}, meta, get_schema(meta.get("schema", "wbcatt"))
+
+
+def build_backend(cfg: RunConfig, train_split, precision: str, out: Path, resume_dir: Path | None,
+                  accelerator) -> models.Backend:
+    """The model to train: fresh from the config, or as checkpoint ``resume_dir`` left it."""
+    lora = cfg.lora
+    # LoRA keeps the frozen base in the training precision and its adapters in fp32.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision) if lora.enabled else None
+    if lora.quantize:
+        dtype = torch.bfloat16
+    if resume_dir is not None:
+        backend = models.load_trained(resume_dir / checkpoint.MODEL_SUBDIR, dtype=dtype, quantize=lora.quantize,
+                                      is_trainable=True)
+        models.configure(backend, cfg.model)
+        if (out / SCRATCH_BASE_DIR).is_dir():
+            backend.base_dir = out / SCRATCH_BASE_DIR
+    else:
+        captions = [c for variants in train_split["captions"] for c in variants] if cfg.model.init == "scratch" else ()
+        backend = models.load_backend(cfg.model, captions, dtype=dtype, quantize=lora.quantize)
+        if lora.enabled:
+            if cfg.model.init == "scratch":
+                if accelerator.is_main_process:
+                    backend.save(out / SCRATCH_BASE_DIR)
+                backend.base_dir = out / SCRATCH_BASE_DIR
+            targets = models.add_lora(backend, lora, cfg.model.freeze_vision)
+            log.info("LoRA r=%d alpha=%d on %d modules, e.g. %s", lora.r, lora.alpha, len(targets), targets[0])
+    if cfg.model.gradient_checkpointing:
+        models.enable_gradient_checkpointing(backend)
+    trainable, total = models.count_parameters(backend.model)
+    log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    if trainable == 0:
+        raise models.ModelError("no trainable parameters: check model.freeze_vision and the LoRA targets")
+    return backend
+
+
+def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tuple[TrainBatches, list[str]]:
+    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out))
+    if cfg.data.captions == "variants":
+        captions = split["captions"]
+    else:
+        captions = [[c] for c in split["caption"]]
+    ids = split["id"]
+    batches = TrainBatches(pixels, [captions[r] for r in rows], cfg.train.batch_size, cfg.augment, cfg.train.seed,
+                           cfg.data.captions == "variants", accelerator.process_index, accelerator.num_processes)
+    log.info("training on %d images at %dx%d, %d micro-batches per epoch", len(pixels), *backend.image_size,
+             batches.steps_per_epoch)
+    return batches, [ids[r] for r in rows]
+
+
+def _val_set(cfg: RunConfig, backend, split, schema, out: Path) -> ValSet:
+    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out))
+    columns = {name: split[name] for name in schema.field_names}
+    references, ids = split["captions"], split["id"]
+    return ValSet(pixels, [ids[r] for r in rows], [list(references[r]) for r in rows],
+                  [{name: columns[name][r] for name in schema.field_names} for r in rows])
+
+
+def _cache_dir(cfg: RunConfig, out: Path) -> Path:
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir)
+    beside_data = Path(cfg.data.path) / ".hemcap_cache"
+    return beside_data if os.access(cfg.data.path, os.W_OK) else out / "cache"
+
+
+def _optimizer(cfg: RunConfig, model) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norms (1-D parameters)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.train.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+
+
+def _total_steps(cfg: RunConfig, batches: TrainBatches) -> int:
+    if cfg.train.max_steps:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.train.epochs * batches.steps_per_epoch / cfg.train.grad_accum))
+
+
+def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
+    from transformers import get_scheduler
+
+    name = {"constant": "constant_with_warmup"}.get(cfg.train.schedule, cfg.train.schedule)
+    return get_scheduler(name, optimizer, num_warmup_steps=round(cfg.train.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
+
+
+# ------------------------------------------------------------------------------ training
+
+
+def train_step(run: Run, step: int) -> float:
+    """One optimizer step over ``grad_accum`` micro-batches; the mean loss."""
+    accelerator, accum = run.accelerator, run.cfg.train.grad_accum
+    run.model.train()
+    total = 0.0
+    for k in range(accum):
+        micro = step * accum + k
+        batch = run.batches(micro)
+        rows = [{"pixels": p, "caption": c} for p, c in zip(batch.pixels, batch.captions)]
+        inputs = {key: value.to(accelerator.device) for key, value in run.backend.collate(rows, train=True).items()}
+        sync = accelerator.no_sync(run.model) if k < accum - 1 else contextlib.nullcontext()
+        with sync:
+            loss = run.model(**inputs).loss
+            if not torch.isfinite(loss):
+                ids = [run.train_ids[r] for r in batch.rows]
+                raise NonFiniteLoss(f"loss is {loss.item()} at step {step} (micro-batch {micro}); "
+                                    f"batch rows {batch.rows[:8]}, ids {ids[:8]}")
+            accelerator.backward(loss / accum)
+        total += loss.item() / accum
+    if run.cfg.train.max_grad_norm:
+        accelerator.clip_grad_norm_(run.model.parameters(), run.cfg.train.max_grad_norm)
+    run.optimizer.step()
+    if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
+        run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return total
+
+
+class _Clock:
+    """Training time, carried across resumes."""
+
+    def __init__(self, already: float):
+        self.start = time.monotonic() - already
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+
+class _Meter:
+    """Mean loss and time of the steps since the last log line."""
+
+    def __init__(self):
+        self.loss, self.steps, self.seconds = 0.0, 0, 0.0
+
+    def add(self, loss: float, seconds: float) -> None:
+        self.loss, self.steps, self.seconds = self.loss + loss, self.steps + 1, self.seconds + seconds
+
+    def reset(self) -> None:
+        self.__init__()
+
+
+# ------------------------------------------------------------------------------ validation
+
+
+def validate(run: Run) -> dict:
+    """Generate a caption for every validation image; score the parsed attributes and the text."""
+    from accelerate.utils import gather_object
+
+    accelerator, ecfg = run.accelerator, run.cfg.eval
+    model = run.backend.model
+    was_training = model.training
+    model.eval()
+    mine = list(range(accelerator.process_index, len(run.val.ids), accelerator.num_processes))
+    captions = []
+    with torch.no_grad(), accelerator.autocast():  # BLIP's generate() bypasses the autocast forward
+        for start in range(0, len(mine), ecfg.batch_size):
+            chunk = mine[start:start + ecfg.batch_size]
+            rows = [{"pixels": run.val.pixels[i].float() / 255} for i in chunk]
+            captions += run.backend.generate(rows, max_new_tokens=ecfg.max_new_tokens, num_beams=ecfg.num_beams)
+    model.train(was_training)
+    ordered = sorted(gather_object(list(zip(mine, captions))))
+    predictions = [text for _, text in ordered]
+    return caption_scores(predictions, run.val.references, run.val.truth, run.schema) | {"examples": predictions[:3]}
+
+
+def caption_scores(predictions: list[str], references: list[list[str]], truth: list[dict], schema) -> dict:
+    """The validation figures: mean attribute accuracy (omitted counts wrong), cell type, CIDEr-D."""
+    from hemcap.metrics import caption_metrics, faithfulness_metrics
+
+    faith = faithfulness_metrics(predictions, truth, schema)
+    text = caption_metrics(predictions, references, meteor=False)
+    fields = {name: round(scores["accuracy"], 5) for name, scores in faith["fields"].items()}
+    return {"attribute_accuracy": faith["attribute_mean"]["accuracy"],
+            "cell_type_accuracy": faith["fields"][schema.cell_type_field]["accuracy"],
+            "cider": text["cider_d"], "bleu_4": text["bleu_4"], "field_accuracy": fields}
+
+
+def _evaluate_and_save(run: Run) -> bool:
+    """Validate, log, checkpoint, prune; True when early stopping says stop."""
+    step = run.state["step"]
+    metrics = validate(run)
+    figure = metrics[run.cfg.eval.metric]
+    improved = run.state["best_metric"] is None or figure > run.state["best_metric"]
+    if improved:
+        run.state.update(best_metric=figure, best_step=step, evals_since_best=0)
+    else:
+        run.state["evals_since_best"] += 1
+    run.state["last_eval_step"] = step
+    run.state["history"].append({"step": step, **{k: v for k, v in metrics.items() if k != "examples"}})
+    _write_log(run, {"step": step, "split": "val", **metrics})
+    log.info("step %d: attribute accuracy %.4f, cell type %.4f, CIDEr-D %.3f%s; e.g. %r", step,
+             metrics["attribute_accuracy"], metrics["cell_type_accuracy"], metrics["cider"],
+             " (best)" if improved else "", metrics["examples"][0] if metrics["examples"] else "")
+    _save(run)
+    patience = run.cfg.train.patience
+    return bool(patience and run.state["evals_since_best"] >= patience)
+
+
+def _save(run: Run) -> None:
+    root = run.out / "checkpoints"
+    state = {**run.state, "config": run.cfg.to_dict()}
+    checkpoint.save_checkpoint(root, run.state["step"], run.backend, run.optimizer, run.scheduler, state,
+                               run.accelerator)
+    if run.accelerator.is_main_process:
+        checkpoint.prune_checkpoints(root, run.cfg.train.keep_last, run.state["best_step"])
+
+
+# ------------------------------------------------------------------------------ logs and output
+
+
+def _start_logs(run: Run) -> None:
+    """Config beside the run; the JSONL log cut back to the resumed step; TensorBoard."""
+    if run.accelerator.is_main_process:
+        run.out.mkdir(parents=True, exist_ok=True)
+        (run.out / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        _truncate_log(run.out / LOG_FILE, run.state["step"])
+    run.accelerator.init_trackers("tb")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop records after ``step``: a resumed run writes them again."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _log_training(run: Run, meter: _Meter, bar) -> None:
+    samples = meter.steps * run.batches.global_batch * run.cfg.train.grad_accum
+    step = run.state["step"]
+    record = {"step": step, "split": "train", "loss": meter.loss / meter.steps,
+              "lr": run.scheduler.get_last_lr()[0], "samples_per_s": samples / max(meter.seconds, 1e-9),
+              "epoch": step * run.cfg.train.grad_accum / run.batches.steps_per_epoch,
+              "elapsed_s": round(run.state["elapsed_s"], 1)}
+    _write_log(run, record)
+    bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
+    meter.reset()
+
+
+def _write_log(run: Run, record: dict) -> None:
+    flat = {k: v for k, v in record.items() if k not in ("step", "split")}
+    flat |= {f"{k}/{name}": x for k, v in record.items() if isinstance(v, dict) for name, x in v.items()}
+    scalars = {f"{record['split']}/{k}": v for k, v in flat.items() if isinstance(v, (int, float))}
+    run.accelerator.log(scalars, step=record["step"])
+    if run.accelerator.is_main_process:
+        with open(run.out / LOG_FILE, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _finish(run: Run) -> Path:
+    """Copy the best checkpoint's model to ``<output_dir>/model`` with a summary of the run."""
+    accelerator = run.accelerator
+    accelerator.end_training()
+    final = run.out / FINAL_MODEL_DIR
+    if accelerator.is_main_process:
+        best = run.out / "checkpoints" / checkpoint.checkpoint_name(run.state["best_step"]) / checkpoint.MODEL_SUBDIR
+        staging = run.out / f".{FINAL_MODEL_DIR}.tmp"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(best, staging)
+        (staging / SUMMARY_FILE).write_text(json.dumps(_summary(run), indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
+        log.info("model written to %s (step %d, %s %.4f)", final, run.state["best_step"], run.cfg.eval.metric,
+                 run.state["best_metric"])
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _summary(run: Run) -> dict:
+    """What a model card needs: metrics, data, base model, config."""
+    best = next(h for h in run.state["history"] if h["step"] == run.state["best_step"])
+    cfg = run.cfg
+    return {"metrics": best, "best_step": run.state["best_step"], "steps": run.state["step"],
+            "training_minutes": round(run.state["elapsed_s"] / 60, 2),
+            "base_model": cfg.model.name_or_path if cfg.model.init == "pretrained" else None,
+            "init": cfg.model.init, "backend": run.backend.kind, "lora": cfg.lora.enabled,
+            "data": {"path": str(cfg.data.path), "train_images": len(run.train_ids),
+                     "val_images": len(run.val.ids), **{k: run.data_meta.get(k) for k in ("schema", "recipe")}},
+            "config": dataclasses.asdict(cfg)}
+
+
+if __name__ == "__main__":
+    main()

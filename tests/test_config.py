@@ -1,0 +1,99 @@
+"""Run configs: every shipped YAML loads, overrides apply, and every problem is reported at once."""
+
+from pathlib import Path
+
+import pytest
+
+from hemcap.config import PRECISIONS, ConfigError, RunConfig, add_train_arguments, config_from_args, load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_the_shipped_configs_are_there():
+    names = {p.stem for p in CONFIGS}
+    assert {"blip_base_full", "blip_base_lora", "medgemma_4b_lora", "medgemma_4b_qlora", "blip_tiny",
+            "blip_small_scratch"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, RunConfig)
+    assert cfg.train.max_steps or cfg.train.epochs
+
+
+def test_recipes_in_the_shipped_configs():
+    hemblip = load_config(CONFIGS[0].parent / "blip_base_lora.yaml")
+    assert (hemblip.lora.r, hemblip.lora.alpha, hemblip.lora.dropout, hemblip.train.lr) == (8, 16, 0.05, 5e-5)
+    assert hemblip.model.freeze_vision and all("crossattention" in t for t in hemblip.lora.target_modules)
+    qlora = load_config(CONFIGS[0].parent / "medgemma_4b_qlora.yaml")
+    assert (qlora.lora.quantize, qlora.lora.r, qlora.lora.alpha, qlora.lora.target_modules) == ("nf4", 16, 16, "all-linear")
+    assert qlora.train.precision == "bf16" and qlora.model.backend == "chat"
+    scratch = load_config(CONFIGS[0].parent / "blip_small_scratch.yaml")
+    assert scratch.train.max_minutes and scratch.train.max_minutes < 60
+    assert scratch.model.vision_config["image_size"] == 128 and scratch.train.batch_size == 48
+
+
+def test_all_problems_are_reported_at_once():
+    raw = {"model": {"init": "scratch", "vocab_size": 0, "colour": "red"},
+           "train": {"lr": -1, "precision": "fp8", "schedule": "zigzag", "batch_size": "many"},
+           "lora": {"dropout": 2.0}, "optimiser": {}}
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(raw, source="bad.yaml")
+    message = str(error.value)
+    for expected in ("unknown section 'optimiser'", "model.colour: unknown key", "model.vocab_size=0",
+                     "model.backend: init=scratch needs an explicit backend", "train.batch_size='many' should be int",
+                     "lora.dropout=2.0 should be between 0.0 and 1.0", "bad.yaml"):
+        assert expected in message, expected
+
+
+def test_value_checks_follow_type_checks_in_each_section():
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict({"train": {"lr": -1, "precision": "fp8", "schedule": "zigzag"}})
+    message = str(error.value)
+    assert "train.lr=-1.0 should be > 0" in message
+    assert "train.precision='fp8' should be one of None, " + ", ".join(PRECISIONS) in message
+    assert "train.schedule='zigzag'" in message
+
+
+def test_ints_are_accepted_for_floats():
+    assert RunConfig.from_dict({"train": {"lr": 1}}).train.lr == 1.0
+
+
+def test_overrides_and_flags(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("model: {backend: blip, init: scratch, name_or_path: null}\ntrain: {lr: 0.001, max_steps: 5}\n")
+    cfg = load_config(path, ["train.lr=1e-4", "augment.flip=false", "lora.target_modules=[query, value]"],
+                      lora=True, output_dir=str(tmp_path / "out"))
+    assert cfg.train.lr == 1e-4 and cfg.augment.flip is False
+    assert cfg.lora.enabled and cfg.lora.target_modules == ["query", "value"]
+    assert cfg.train.output_dir == str(tmp_path / "out") and cfg.train.max_steps == 5
+
+
+def test_model_flag_means_a_pretrained_model_and_set_has_the_last_word(tmp_path):
+    parser = add_train_arguments(__import__("argparse").ArgumentParser())
+    args = parser.parse_args(["--config", str(CONFIGS[0].parent / "blip_tiny.yaml"), "--model", "some/model",
+                              "--set", "model.backend=blip"])
+    cfg = config_from_args(args)
+    assert (cfg.model.name_or_path, cfg.model.init, cfg.model.backend) == ("some/model", "pretrained", "blip")
+
+
+def test_bad_overrides_name_the_key(tmp_path):
+    with pytest.raises(ConfigError, match="train.learning_rate: unknown key"):
+        load_config(None, ["train.learning_rate=1"])
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_quantization_needs_lora_and_pretrained_weights():
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict({"lora": {"quantize": "nf4"}, "train": {"precision": "fp16"}})
+    assert "quantization is for LoRA only" in str(error.value)
+    assert "use bf16 with nf4" in str(error.value)
+    with pytest.raises(ConfigError, match="needs pretrained weights"):
+        RunConfig.from_dict({"model": {"backend": "blip", "init": "scratch"}, "lora": {"enabled": True, "quantize": "nf4"}})
+
+
+def test_missing_config_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")

@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from hemcap.engine import CaptionEngine, EngineSettings
+from hemcap.synthetic import make_cells
+
+
+@pytest.fixture(scope="module")
+def cells():
+    return [image for image, _ in make_cells(6, seed=3, size=64)]
+
+
+def naive_ids(engine, image, max_new_tokens):
+    """One `model.generate` per image, as in the HF BLIP notebook."""
+    backend = engine.backend
+    ids = backend.model.generate(pixel_values=backend.pixel_values([{"image": image}]), max_new_tokens=max_new_tokens)
+    ids = ids[0, 1:].tolist()  # drop the start token
+    stop = {backend.tokenizer.sep_token_id, backend.tokenizer.pad_token_id}
+    return ids[: next((i for i, t in enumerate(ids) if t in stop), len(ids))]
+
+
+def test_batched_greedy_matches_one_generate_per_image(tiny_blip_dir, cells):
+    engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=24, vision_chunk=2, decode_chunk=4)
+    captions = engine.caption(cells)
+    with torch.inference_mode():
+        assert [c.token_ids for c in captions] == [naive_ids(engine, im, 24) for im in cells]
+
+
+def test_token_probabilities_and_text(tiny_blip_dir, cells):
+    engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=16)
+    caption = engine.caption(cells[:1])[0]
+    assert len(caption.token_probs) == len(caption.token_ids) <= 16
+    assert all(0.0 < p <= 1.0 for p in caption.token_probs)
+    assert caption.text == engine.backend.tokenizer.decode(caption.token_ids, skip_special_tokens=True).strip()
+    assert set(caption.attributes) == set(engine.schema.field_names)
+
+
+def test_confidence_is_the_weakest_token_of_the_phrase(tiny_blip_dir):
+    engine = CaptionEngine.from_dir(tiny_blip_dir)
+    tokenizer = engine.backend.tokenizer
+    ids = tokenizer("Neutrophil, large and round.", add_special_tokens=False)["input_ids"]
+    probs = [0.9, 0.8, 0.7, 0.2, 0.95, 0.6][: len(ids)] + [0.99] * max(0, len(ids) - 6)
+    caption = engine._caption(ids, [__import__("math").log(p) for p in probs])
+    assert caption.attributes["cell_type"] == "Neutrophil" and caption.attributes["cell_size"] == "big"
+    text, spans = engine._decode_with_spans(ids)
+    expected = {}
+    for name, phrase in (("cell_type", "Neutrophil"), ("cell_size", "large and round")):
+        start = text.lower().index(phrase.lower())
+        end = start + len(phrase)
+        expected[name] = min(p for p, (a, b) in zip(probs, spans) if a < end and b > start)
+    assert caption.confidences["cell_type"] == pytest.approx(expected["cell_type"])
+    assert caption.confidences["cell_size"] == pytest.approx(expected["cell_size"])
+    assert caption.confidences["cell_size"] == caption.confidences["cell_shape"]
+    assert caption.confidences["granularity"] is None
+
+
+def test_beam_search_and_empty_input(tiny_blip_dir, cells):
+    engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=12, num_beams=3)
+    captions = engine.caption(cells[:2])
+    assert len(captions) == 2 and all(0.0 < p <= 1.0 for c in captions for p in c.token_probs)
+    assert engine.caption([]) == []
+
+
+def test_settings_are_checked():
+    with pytest.raises(ValueError, match="vision_chunk must be >= 1"):
+        EngineSettings(vision_chunk=0)
+
+
+def test_model_dir_without_a_model(tmp_path):
+    with pytest.raises(FileNotFoundError, match="holds no model"):
+        CaptionEngine.from_dir(tmp_path)

@@ -1,0 +1,142 @@
+"""Model card, push (dry run and a recorded upload) and LoRA merge export, all offline."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from hemcap.captions import caption_variants
+from hemcap.cli import main
+from hemcap.config import LoraConfig, ModelConfig
+from hemcap.hub import build_model_card, push
+from hemcap.models import add_lora, load_backend, load_trained
+from hemcap.synthetic import sample_attributes
+
+METRICS = {"attribute_accuracy": 0.8123, "cell_type_accuracy": 0.9, "cider": 1.234, "bleu_4": 0.5,
+           "field_accuracy": {"cell_size": 0.7}}
+
+
+def tiny_blip(captions):
+    return load_backend(ModelConfig(
+        name_or_path=None, backend="blip", init="scratch", vocab_size=300,
+        vision_config=dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                           num_attention_heads=2),
+        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                         max_position_embeddings=96)), captions)
+
+
+def write_summary(model_dir: Path, lora: bool) -> None:
+    summary = {"metrics": METRICS, "best_step": 10, "steps": 12, "training_minutes": 0.5, "base_model": None,
+               "init": "scratch", "backend": "blip", "lora": lora,
+               "data": {"path": "runs/data/wbcatt", "train_images": 6169, "val_images": 1030, "schema": "wbcatt",
+                        "recipe": "wbcatt"}}
+    (model_dir / "training.json").write_text(json.dumps(summary))
+
+
+@pytest.fixture(scope="module")
+def captions():
+    rng = np.random.default_rng(0)
+    return [c for _ in range(8) for c in caption_variants(sample_attributes(rng), "wbcatt", 1, 0)]
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, captions) -> Path:
+    root = tmp_path_factory.mktemp("hub")
+    torch.manual_seed(0)
+    backend = tiny_blip(captions)
+    backend.save_base(root / "base")
+    add_lora(backend, LoraConfig(target_modules=["crossattention.self.query", "crossattention.self.value"]), True)
+    with torch.no_grad():
+        for name, param in backend.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)  # an adapter that changes the output
+    backend.save(root / "model")
+    write_summary(root / "model", lora=True)
+    return root / "model"
+
+
+def cell_rows(n=2):
+    generator = torch.Generator().manual_seed(1)
+    return [{"pixels": torch.rand(3, 32, 32, generator=generator)} for _ in range(n)]
+
+
+def test_model_card_metadata_validates_offline(adapter_dir):
+    from huggingface_hub import ModelCard, ModelCardData
+
+    card = build_model_card(adapter_dir, "someone/hemcap-blip")
+    parsed = ModelCard(str(card))  # re-reads the YAML header as the Hub would
+    data = parsed.data
+    assert isinstance(data, ModelCardData)
+    ModelCardData(**data.to_dict())  # model-index round-trips through the Hub's own parser
+    assert data.license == "apache-2.0" and data.library_name == "peft" and data.pipeline_tag == "image-to-text"
+    assert "lora" in data.tags and "haematology" in data.tags
+    results = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert results == {"mean attribute accuracy": 0.8123, "cell type accuracy": 0.9, "CIDEr-D": 1.234}
+    assert all(r.dataset_name == "wbcatt" and r.dataset_split == "validation" for r in data.eval_results)
+    text = parsed.text
+    assert "research only; not for diagnosis" in text and "## Limitations" in text
+    assert "6169 training" in text and "CC BY 4.0" in text and "| accuracy: cell_size | 0.7000 |" in text
+
+
+def test_card_names_the_base_model_and_its_license(tmp_path, captions):
+    backend = tiny_blip(captions)
+    backend.save(tmp_path / "m")
+    write_summary(tmp_path / "m", lora=False)
+    summary = json.loads((tmp_path / "m" / "training.json").read_text())
+    summary["base_model"] = "Salesforce/blip-image-captioning-base"
+    (tmp_path / "m" / "training.json").write_text(json.dumps(summary))
+    data = build_model_card(tmp_path / "m", "me/x").data
+    assert data.base_model == "Salesforce/blip-image-captioning-base" and data.license == "bsd-3-clause"
+    assert data.library_name == "transformers"
+
+
+def test_push_dry_run_writes_the_exact_upload_folder(adapter_dir, tmp_path, capsys):
+    out = tmp_path / "upload"
+    assert main(["push", str(adapter_dir), "--repo-id", "someone/hemcap-blip", "--dry-run", "--out", str(out)]) == 0
+    assert str(out) in capsys.readouterr().out
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert {"README.md", "adapter_model.safetensors", "adapter_config.json", "training.json",
+            "hemcap_model.json", "base_model/model.safetensors", "tokenizer.json"} <= files
+    assert load_trained(out).generate(cell_rows(), max_new_tokens=5) == load_trained(adapter_dir).generate(
+        cell_rows(), max_new_tokens=5)
+
+
+def test_push_uploads_that_folder_through_huggingface_hub(adapter_dir, monkeypatch):
+    import huggingface_hub
+
+    calls = {}
+
+    class RecordingApi:
+        def create_repo(self, repo_id, private, exist_ok, repo_type):
+            calls["create"] = (repo_id, private, exist_ok, repo_type)
+            return f"https://huggingface.co/{repo_id}"
+
+        def upload_folder(self, folder_path, repo_id, repo_type, commit_message):
+            calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+            calls["repo"] = repo_id
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingApi)
+    url = push(adapter_dir, "someone/hemcap-blip", private=True)
+    assert url == "https://huggingface.co/someone/hemcap-blip"
+    assert calls["create"] == ("someone/hemcap-blip", True, True, "model") and calls["repo"] == "someone/hemcap-blip"
+    assert "README.md" in calls["files"] and "adapter_model.safetensors" in calls["files"]
+
+
+def test_push_refuses_a_bad_repo_id(adapter_dir, capsys):
+    assert main(["push", str(adapter_dir), "--repo-id", "no-slash", "--dry-run"]) == 2
+    assert "should look like user/name" in capsys.readouterr().err
+
+
+def test_export_merge_gives_a_plain_model_with_the_same_captions(adapter_dir, tmp_path):
+    from transformers import BlipForConditionalGeneration
+
+    out = tmp_path / "merged"
+    assert main(["export", str(adapter_dir), "--merge", "--out", str(out)]) == 0
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    BlipForConditionalGeneration.from_pretrained(out)  # standalone: no PEFT needed
+    merged, adapter = load_trained(out), load_trained(adapter_dir)
+    assert merged.generate(cell_rows(), max_new_tokens=8) == adapter.generate(cell_rows(), max_new_tokens=8)
+    assert json.loads((out / "training.json").read_text())["merged_from"] == str(adapter_dir)
+    assert main(["export", str(out), "--merge", "--out", str(tmp_path / "again")]) == 2  # nothing to merge

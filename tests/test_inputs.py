@@ -1,0 +1,95 @@
+"""Training inputs: decode once (bad images skipped), batches fixed by step, cell-safe augmentations."""
+
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hemcap.config import AugmentConfig
+from hemcap.inputs import TrainBatches, augment_pixels, decode_split
+
+
+def png(colour, size=(20, 10)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture
+def split():
+    import datasets
+
+    images = [{"bytes": png((255, 0, 0)), "path": None}, {"bytes": b"not an image", "path": None},
+              {"bytes": png((0, 0, 255)), "path": None}]
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})
+    return datasets.Dataset.from_dict({"id": ["a", "broken", "c"], "image": images}, features=features)
+
+
+def test_decode_resizes_once_skips_bad_images_and_caches(split, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        pixels, rows = decode_split(split, (16, 8), tmp_path)
+    assert pixels.dtype == torch.uint8 and pixels.shape == (2, 3, 16, 8)
+    assert rows == [0, 2]
+    assert "id broken" in caplog.text
+    assert pixels[0, 0].float().mean() > 250 and pixels[1, 2].float().mean() > 250  # red, then blue
+    assert len(list(tmp_path.glob("pixels-*-16x8.npy"))) == 1
+    again, rows_again = decode_split(split, (16, 8), tmp_path)
+    assert torch.equal(again, pixels) and rows_again == rows
+
+
+def make_batches(n=10, batch=4, seed=0, rank=0, world=1, **augment):
+    pixels = torch.arange(n, dtype=torch.uint8).view(n, 1, 1, 1).expand(n, 3, 4, 4).contiguous()
+    captions = [[f"canonical {i}", f"variant {i}"] for i in range(n)]
+    return TrainBatches(pixels, captions, batch, AugmentConfig(**augment), seed, variants=True, rank=rank, world=world)
+
+
+def test_a_step_always_gets_the_same_batch():
+    first, second = make_batches(), make_batches()
+    for step in (0, 3, 1, 7):
+        a, b = first(step), second(step)
+        assert a.rows == b.rows and a.captions == b.captions and torch.equal(a.pixels, b.pixels)
+    assert make_batches(seed=1)(0).rows != first(0).rows or make_batches(seed=1)(1).rows != first(1).rows
+
+
+def test_each_epoch_visits_each_image_at_most_once():
+    batches = make_batches(n=10, batch=3)
+    assert batches.steps_per_epoch == 3  # the last incomplete batch is dropped
+    seen = [r for step in range(3) for r in batches(step).rows]
+    assert len(seen) == len(set(seen)) == 9
+    assert [r for step in range(3, 6) for r in batches(step).rows] != seen  # a new order next epoch
+
+
+def test_processes_take_disjoint_slices_of_one_global_batch():
+    ranks = [make_batches(n=12, batch=2, rank=r, world=3) for r in range(3)]
+    rows = [r for b in ranks for r in b(0).rows]
+    assert len(rows) == len(set(rows)) == 6
+    assert ranks[0].steps_per_epoch == 2
+
+
+def test_symmetries_move_pixels_without_changing_them():
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (16, 3, 8, 8), dtype=torch.uint8)
+    out = augment_pixels(pixels, AugmentConfig(rotate90=True, flip=True), generator)
+    assert out.dtype == torch.float32 and out.shape == pixels.shape
+    for before, after in zip(pixels, out):
+        assert torch.equal(torch.sort(before.flatten().float() / 255).values, torch.sort(after.flatten()).values)
+    assert not torch.equal(out, pixels.float() / 255)
+
+
+def test_colour_and_stain_jitter_stay_in_range_and_change_colour():
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randint(0, 256, (8, 3, 8, 8), dtype=torch.uint8)
+    out = augment_pixels(pixels, AugmentConfig(rotate90=False, flip=False, color_jitter=0.2, stain_jitter=0.2),
+                         generator)
+    assert out.min() >= 0 and out.max() <= 1
+    assert (out - pixels.float() / 255).abs().mean() > 0.01
+
+
+def test_variants_are_drawn_per_step():
+    batches = make_batches(n=8, batch=8)
+    picked = {c for step in range(6) for c in batches(step).captions}
+    assert any(c.startswith("canonical") for c in picked) and any(c.startswith("variant") for c in picked)
+    assert np.all([c.split()[1] == str(r) for c, r in zip(batches(0).captions, batches(0).rows)])

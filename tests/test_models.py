@@ -1,0 +1,239 @@
+"""Backends on tiny random models: special tokens, loss masks, LoRA targets, precision, checkpointing."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from hemcap.captions import caption_variants
+from hemcap.config import LoraConfig, ModelConfig
+from hemcap.models import (
+    IGNORE_INDEX, ModelError, add_lora, count_parameters, enable_gradient_checkpointing, load_backend, load_trained,
+    lora_targets)
+from hemcap.synthetic import sample_attributes
+
+BLIP_VISION = dict(image_size=32, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                   num_attention_heads=2)
+BLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 max_position_embeddings=128)
+HEMBLIP_TARGETS = ["crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
+                   "crossattention.output.dense"]
+
+
+@pytest.fixture(scope="module")
+def captions():
+    rng = np.random.default_rng(0)
+    return [c for _ in range(12) for c in caption_variants(sample_attributes(rng), "wbcatt", 2, 0)]
+
+
+def blip_config(**changes) -> ModelConfig:
+    return ModelConfig(name_or_path=None, backend="blip", init="scratch", vocab_size=300, max_length=64,
+                       vision_config=dict(BLIP_VISION), text_config=dict(BLIP_TEXT), **changes)
+
+
+def chat_config(**changes) -> ModelConfig:
+    return ModelConfig(name_or_path=None, backend="chat", init="scratch", vocab_size=400, **changes)
+
+
+def rows(captions, n=3, size=32):
+    generator = torch.Generator().manual_seed(0)
+    return [{"pixels": torch.rand(3, size, size, generator=generator), "caption": c} for c in captions[:n]]
+
+
+@pytest.fixture(scope="module")
+def blip(captions):
+    torch.manual_seed(0)
+    return load_backend(blip_config(), captions)
+
+
+@pytest.fixture(scope="module")
+def chat(captions):
+    torch.manual_seed(0)
+    return load_backend(chat_config(), captions)
+
+
+# ------------------------------------------------------------------------------ BLIP
+
+
+def test_blip_scratch_special_ids_match_its_tokenizer(blip):
+    text, tok = blip.model.config.text_config, blip.tokenizer
+    assert (text.pad_token_id, text.sep_token_id, text.bos_token_id) == (tok.pad_token_id, tok.sep_token_id,
+                                                                          tok.cls_token_id)
+    assert text.vocab_size == len(tok)
+
+
+def test_blip_mismatched_special_ids_are_refused(blip):
+    broken = copy.deepcopy(blip)
+    broken.model.config.text_config.pad_token_id = 7
+    broken.model.config.text_config.sep_token_id = 8
+    with pytest.raises(ModelError) as error:
+        broken.check_special_tokens()
+    assert "pad_token_id 7" in str(error.value) and "sep_token_id 8" in str(error.value)
+
+
+def test_blip_scratch_vision_embeddings_are_not_near_zero(blip):
+    from transformers import BlipVisionConfig, BlipVisionModel
+
+    embeddings = blip.model.vision_model.embeddings
+    assert embeddings.position_embedding.std() > 0.01 and embeddings.class_embedding.std() > 0.01
+    # the trap: the config's default initializer_range (1e-10) leaves them at ~0
+    default = BlipVisionModel(BlipVisionConfig(**BLIP_VISION))
+    assert default.embeddings.position_embedding.std() < 1e-6
+
+
+def test_blip_collate_masks_padding_and_starts_from_bos(blip, captions):
+    short_and_long = [captions[0][:20], captions[1]]
+    batch = blip.collate(rows(short_and_long, n=2), train=True)
+    labels, mask = batch["labels"], batch["attention_mask"]
+    assert (mask[0] == 0).any(), "the short caption must be padded"
+    assert (labels[mask == 0] == IGNORE_INDEX).all()
+    assert (labels[mask == 1] == batch["input_ids"][mask == 1]).all()
+    assert (batch["input_ids"][:, 0] == blip.model.config.text_config.bos_token_id).all()
+    assert batch["pixel_values"].shape == (2, 3, 32, 32)
+
+
+def test_blip_loss_ignores_padding(blip, captions):
+    """A caption's loss is the same alone and beside a longer caption that pads it."""
+    blip.model.eval()
+    short = rows([captions[0][:25]], n=1)
+    alone = blip.collate(short, train=True)
+    padded = blip.collate(short + rows([captions[3]], n=1), train=True)
+    padded = {k: v[:1] for k, v in padded.items()}
+    assert padded["input_ids"].shape[1] > alone["input_ids"].shape[1]
+    with torch.no_grad():
+        assert torch.allclose(blip.model(**alone).loss, blip.model(**padded).loss, atol=1e-5)
+
+
+def test_blip_generates_text_and_reloads(blip, captions, tmp_path):
+    before = blip.generate(rows(captions), max_new_tokens=5)
+    assert len(before) == 3 and all(isinstance(t, str) for t in before)
+    blip.save(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert load_trained(tmp_path / "m").generate(rows(captions), max_new_tokens=5) == before
+
+
+# ------------------------------------------------------------------------------ chat (Gemma 3 class)
+
+
+def test_chat_labels_cover_the_answer_only(chat, captions):
+    batch = chat.collate(rows(captions, n=2), train=True)
+    labels, ids = batch["labels"], batch["input_ids"]
+    prompt_len = chat.collate(rows(captions, n=1), train=False)["input_ids"].shape[1]
+    assert (labels[:, :prompt_len] == IGNORE_INDEX).all(), "system, user turn and image tokens carry no loss"
+    assert (labels[batch["attention_mask"] == 0] == IGNORE_INDEX).all()
+    image_token = chat.model.config.image_token_id
+    assert (labels[ids == image_token] == IGNORE_INDEX).all() and (ids == image_token).any()
+    for i, caption in enumerate(captions[:2]):
+        answer = chat.tokenizer.decode(labels[i][labels[i] != IGNORE_INDEX])
+        assert answer.startswith(caption) and "<end_of_turn>" in answer  # the model learns to stop
+
+
+def test_chat_prompt_holds_system_prompt_and_image(chat):
+    text = chat.processor.apply_chat_template(chat.messages(), tokenize=False, add_generation_prompt=True)
+    assert chat.settings["system_prompt"] in text and "<start_of_image>" in text
+    assert text.endswith("<start_of_turn>model\n")
+
+
+def test_chat_generates_and_reloads(chat, captions, tmp_path):
+    before = chat.generate(rows(captions), max_new_tokens=4)
+    chat.save(tmp_path / "chat")
+    again = load_trained(tmp_path / "chat")
+    assert again.kind == "chat" and again.settings["prompt"] == chat.settings["prompt"]
+    assert again.generate(rows(captions), max_new_tokens=4) == before
+
+
+# ------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_target_that_matches_nothing_lists_the_layers(captions):
+    backend = load_backend(blip_config(), captions)
+    with pytest.raises(ModelError) as error:
+        add_lora(backend, LoraConfig(target_modules=["crossattention.self.query", "q_proj"]), freeze_vision=True)
+    message = str(error.value)
+    assert "['q_proj'] match no module" in message
+    assert "text_decoder.bert.encoder.layer.*.crossattention.self.query" in message
+
+
+def test_lora_target_in_a_frozen_tower_fails(captions):
+    backend = load_backend(blip_config(), captions)
+    with pytest.raises(ModelError, match="frozen vision tower"):
+        add_lora(backend, LoraConfig(target_modules=["qkv"]), freeze_vision=True)
+    with pytest.raises(ModelError, match="matches no module"):
+        add_lora(backend, LoraConfig(target_modules=r".*\.nothing_like_this"), freeze_vision=False)
+
+
+def test_all_linear_leaves_out_the_frozen_tower_and_the_output_head(chat):
+    targets = lora_targets(chat.model, "all-linear", chat.vision_prefix)
+    assert targets and not any(t.startswith("model.vision_tower.") for t in targets)
+    assert "lm_head" not in targets
+    assert any(t.startswith("model.vision_tower.") for t in lora_targets(chat.model, "all-linear", None))
+
+
+def test_lora_trains_only_adapters_kept_in_fp32_on_a_half_base(captions):
+    backend = load_backend(blip_config(), captions, dtype=torch.float16)
+    total_before = count_parameters(backend.model)[1]
+    targets = add_lora(backend, LoraConfig(target_modules=HEMBLIP_TARGETS), freeze_vision=True)
+    assert len(targets) == 4 * BLIP_TEXT["num_hidden_layers"]
+    trainable = {n: p for n, p in backend.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert all(p.dtype == torch.float32 for p in trainable.values())
+    frozen = [p for p in backend.model.parameters() if not p.requires_grad]
+    assert frozen and all(p.dtype == torch.float16 for p in frozen)
+    n_trainable, total = count_parameters(backend.model)
+    assert n_trainable == sum(p.numel() for p in trainable.values()) and total > total_before
+
+
+def test_gradient_checkpointing_works_with_lora(captions):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        backend = load_backend(blip_config(), captions)
+        add_lora(backend, LoraConfig(target_modules=HEMBLIP_TARGETS, dropout=0.0), freeze_vision=True)
+        if checkpointing:
+            enable_gradient_checkpointing(backend)
+        backend.model.train()
+        assert backend.model.is_activation_checkpointing == checkpointing
+        backend.model(**backend.collate(rows(captions), train=True)).loss.backward()
+        grads.append({n: p.grad for n, p in backend.model.named_parameters() if p.requires_grad})
+    plain, checkpointed = grads
+    assert all(g is not None for g in checkpointed.values())
+    assert any(g.abs().sum() > 0 for g in checkpointed.values())
+    for name in plain:
+        assert torch.allclose(plain[name], checkpointed[name], atol=1e-6), name
+
+
+def test_scratch_lora_adapter_reloads_with_its_base(captions, tmp_path):
+    torch.manual_seed(0)
+    backend = load_backend(blip_config(), captions)
+    backend.save_base(tmp_path / "base")
+    add_lora(backend, LoraConfig(target_modules=HEMBLIP_TARGETS), freeze_vision=True)
+    with torch.no_grad():  # move the adapter away from its zero start
+        for name, param in backend.model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    backend.model.eval()
+    expected = backend.generate(rows(captions), max_new_tokens=6)
+    backend.save(tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapter" / "base_model" / "model.safetensors").is_file()
+    assert load_trained(tmp_path / "adapter").generate(rows(captions), max_new_tokens=6) == expected
+
+
+# ------------------------------------------------------------------------------ QLoRA
+
+
+def test_qlora_runs_on_cpu_through_bitsandbytes(chat, tmp_path):
+    """bitsandbytes >= 0.48 has a CPU backend: nf4 loading and a LoRA step work, slowly."""
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+
+    chat.save(tmp_path / "base")
+    backend = load_backend(ModelConfig(name_or_path=str(tmp_path / "base"), backend="chat"), dtype=torch.bfloat16,
+                           quantize="nf4")
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in backend.model.modules())
+    add_lora(backend, LoraConfig(r=4, alpha=4), freeze_vision=False)
+    loss = backend.model(**backend.collate(rows(["a small round lymphocyte"] * 2, n=2), train=True)).loss
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for p in backend.model.parameters() if p.requires_grad)

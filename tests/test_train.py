@@ -1,0 +1,214 @@
+"""The trainer on tiny random models and a tiny synthetic set: end to end, resume, NaN stop, output dirs."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hemcap import checkpoint, inputs
+from hemcap.config import RunConfig
+from hemcap.recipes import load_prepared, prepare_synthetic
+from hemcap.train import LOG_FILE, NonFiniteLoss, fit
+
+REPO = Path(__file__).resolve().parents[1]
+HEMBLIP_TARGETS = ["crossattention.self.query", "crossattention.self.key", "crossattention.self.value",
+                   "crossattention.output.dense"]
+# On a shared 2-core machine, OpenMP threads that spin while waiting make tiny ops ~100x slower.
+QUIET_THREADS = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return prepare_synthetic(tmp_path_factory.mktemp("data") / "cells", n_train=24, n_val=4, n_test=2, size=32)
+
+
+def tiny_blip(data: Path, out: Path, lora: bool = False, **train) -> RunConfig:
+    raw = {
+        "model": {"backend": "blip", "init": "scratch", "name_or_path": None, "vocab_size": 300, "max_length": 64,
+                  "vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 1, "num_attention_heads": 2},
+                  "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "max_position_embeddings": 96,
+                                  "hidden_dropout_prob": 0.1}},  # dropout: resuming must restore the RNG
+        "data": {"path": str(data), "captions": "variants"},
+        "augment": {"color_jitter": 0.1, "stain_jitter": 0.1},
+        "lora": {"enabled": lora, "target_modules": HEMBLIP_TARGETS},
+        "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 4, "lr": 2e-3, "log_every": 1,
+                  "save_every": 2, "keep_last": 5, **train},
+        "eval": {"batch_size": 4, "max_new_tokens": 6},
+    }
+    return RunConfig.from_dict(raw)
+
+
+def losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch, lora):
+    fit(tiny_blip(data, tmp_path / "straight", lora))
+
+    real_save = checkpoint.save_checkpoint
+
+    def save_then_die(root, step, *args, **kwargs):
+        path = real_save(root, step, *args, **kwargs)
+        if step == 2:
+            raise KeyboardInterrupt("killed after checkpoint 2")
+        return path
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        fit(tiny_blip(data, tmp_path / "killed", lora))
+    monkeypatch.undo()
+    assert sorted(losses(tmp_path / "killed")) == [1, 2]
+    fit(tiny_blip(data, tmp_path / "killed", lora, resume="auto"))
+
+    straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
+    assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
+    for step in straight:
+        assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
+    assert straight[1] != straight[2]  # the steps really trained
+
+
+def test_checkpoints_keep_last_n_and_the_best(data, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out, max_steps=6, save_every=None, eval_every=2, keep_last=1, log_every=3))
+    state = json.loads((checkpoint.latest_checkpoint(out / "checkpoints") / checkpoint.STATE_FILE).read_text())
+    kept = {p.name for p in checkpoint.list_checkpoints(out / "checkpoints")}
+    assert kept == {"step-00000006", checkpoint.checkpoint_name(state["best_step"])}
+    assert [h["step"] for h in state["history"]] == [2, 4, 6]
+    summary = json.loads((out / "model" / "training.json").read_text())
+    assert summary["best_step"] == state["best_step"] and "attribute_accuracy" in summary["metrics"]
+    assert not list((out / "checkpoints").glob(".*")), "no staging dirs left behind"
+    tb_events = list((out / "tb").rglob("events.out.tfevents.*"))
+    assert tb_events, "TensorBoard logs are written"
+
+
+def test_nan_loss_stops_the_run_naming_step_and_batch(data, tmp_path, monkeypatch):
+    real_augment = inputs.augment_pixels
+    calls = []
+
+    def poisoned(pixels, cfg, rng):
+        calls.append(1)
+        x = real_augment(pixels, cfg, rng)
+        return x * float("nan") if len(calls) == 3 else x
+
+    monkeypatch.setattr(inputs, "augment_pixels", poisoned)
+    with pytest.raises(NonFiniteLoss) as error:
+        fit(tiny_blip(data, tmp_path / "nan"))
+    message = str(error.value)
+    assert "loss is nan at step 2" in message and "synthetic-train-" in message
+
+
+def test_an_earlier_run_is_not_overwritten_by_accident(data, tmp_path):
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out, max_steps=2, save_every=None))
+    with pytest.raises(FileExistsError, match="--resume auto"):
+        fit(tiny_blip(data, out, max_steps=2))
+    fit(tiny_blip(data, out, max_steps=2, overwrite=True))
+    assert sorted(losses(out)) == [1, 2]
+
+
+def test_chat_model_trains_through_the_cli(data, tmp_path):
+    """A tiny Gemma 3-class model: system prompt, image, answer-only loss, validation by generation."""
+    from hemcap.cli import main
+    from hemcap.models import load_trained
+
+    config = tmp_path / "chat.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"backend": "chat", "init": "scratch", "name_or_path": None, "vocab_size": 400},
+        "data": {"path": str(data)},
+        "train": {"output_dir": str(tmp_path / "chat"), "batch_size": 8, "max_steps": 2, "lr": 1e-3},
+        "eval": {"batch_size": 4, "max_new_tokens": 4},
+    }))
+    assert main(["train", "--config", str(config), "--lora", "--set", "lora.target_modules=all-linear"]) == 0
+    backend = load_trained(tmp_path / "chat" / "model")
+    assert backend.kind == "chat" and (tmp_path / "chat" / "model" / "adapter_config.json").is_file()
+    dataset, _ = load_prepared(data)
+    assert len(backend.generate([{"image": dataset["test"][0]["image"]}], max_new_tokens=3)) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_accelerate_launch_blip_tiny_end_to_end(tmp_path, lora):
+    """The documented command, on the shipped config, writes a model that reloads and generates."""
+    out = tmp_path / "run"
+    launcher = Path(sys.executable).with_name("accelerate")
+    command = [str(launcher), "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "hemcap/train.py",
+               "--config", "configs/blip_tiny.yaml", "--output-dir", str(out),
+               "--set", f"data.path={tmp_path / 'synthetic_tiny'}", *(["--lora"] if lora else [])]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **QUIET_THREADS})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "trainable parameters:" in done.stderr
+    model_dir = out / "model"
+    dataset, _ = load_prepared(tmp_path / "synthetic_tiny")
+    image = dataset["validation"][0]["image"]
+
+    from transformers import BlipForConditionalGeneration, BlipProcessor
+
+    processor = BlipProcessor.from_pretrained(model_dir)
+    if lora:
+        from peft import PeftModel
+
+        base = BlipForConditionalGeneration.from_pretrained(model_dir / "base_model")
+        model = PeftModel.from_pretrained(base, model_dir)
+        assert (model_dir / "adapter_model.safetensors").is_file()
+    else:
+        model = BlipForConditionalGeneration.from_pretrained(model_dir)
+        assert (model_dir / "model.safetensors").is_file()
+    ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=8)
+    assert isinstance(processor.decode(ids[0], skip_special_tokens=True), str) and ids.shape[1] > 1
+    summary = json.loads((model_dir / "training.json").read_text())
+    assert summary["lora"] is lora and summary["steps"] == 24
+
+
+def test_early_stopping_and_the_time_budget(data, tmp_path, monkeypatch):
+    from hemcap import train
+
+    flat = {"attribute_accuracy": 0.5, "cell_type_accuracy": 0.5, "cider": 0.1, "bleu_4": 0.0,
+            "field_accuracy": {}, "examples": ["x"]}
+    monkeypatch.setattr(train, "validate", lambda run: dict(flat))
+    out = tmp_path / "patience"
+    fit(tiny_blip(data, out, max_steps=10, eval_every=2, save_every=None, patience=2))
+    assert max(losses(out)) == 6  # best at 2, no better at 4 and 6: stop
+    assert json.loads((out / "model" / "training.json").read_text())["best_step"] == 2
+
+    out = tmp_path / "budget"
+    fit(tiny_blip(data, out, max_steps=10, max_minutes=1e-6))
+    assert sorted(losses(out)) == [1]
+
+
+def test_precision_defaults_to_fp32_on_cpu_and_fp16_needs_cuda():
+    from hemcap.config import ConfigError
+    from hemcap.train import resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    assert resolve_precision(None) == "fp32"
+    assert resolve_precision("bf16") == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")
+
+
+@pytest.mark.parametrize("precision, lora, base_dtype", [
+    ("fp32", True, torch.float32), ("fp16", True, torch.float16), ("bf16", True, torch.bfloat16),
+    ("bf16", False, torch.float32)])
+def test_the_base_takes_the_precision_under_lora_and_adapters_stay_fp32(data, tmp_path, precision, lora, base_dtype):
+    from types import SimpleNamespace
+
+    from hemcap.train import build_backend
+
+    cfg = tiny_blip(data, tmp_path, lora)
+    split = load_prepared(data)[0]["train"]
+    backend = build_backend(cfg, split, precision, tmp_path, None, SimpleNamespace(is_main_process=True))
+    for name, param in backend.model.named_parameters():
+        expected = torch.float32 if param.requires_grad else base_dtype
+        assert param.dtype == expected, name
