@@ -58,6 +58,16 @@ class EngineSettings:
             raise ValueError("; ".join(problems))
 
 
+def trained_schema(model_dir: str | Path) -> str:
+    """The schema a model was trained on (from its training.json), else wbcatt."""
+    import json
+
+    summary = Path(model_dir) / "training.json"
+    if summary.is_file():
+        return json.loads(summary.read_text(encoding="utf-8")).get("data", {}).get("schema") or "wbcatt"
+    return "wbcatt"
+
+
 class CaptionEngine:
     """A loaded captioner: images in, ``Caption``s out. Load once, call many times."""
 
@@ -74,8 +84,7 @@ class CaptionEngine:
         from hemcap.models import load_trained
 
         backend = load_trained(model_dir)
-        schema = schema or backend.settings.get("schema", "wbcatt")
-        return cls(backend, schema, EngineSettings(**settings))
+        return cls(backend, schema or trained_schema(model_dir), EngineSettings(**settings))
 
     def caption(self, images: Sequence) -> list[Caption]:
         """Captions for PIL images (any size: the processor resizes them)."""
