@@ -26,15 +26,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Protocol, Union
 
 import numpy as np
 from PIL import Image
+
+from hemcap.fileio import staging_dir, write_json
 
 ImageLike = Union[Image.Image, np.ndarray]
 Box = tuple[float, float, float, float]
@@ -513,22 +512,6 @@ def _coco_annotation(ann_id: int, image_id: int, d: Detection) -> dict:
             "iscrowd": 0, "score": float(d.score)}
 
 
-def write_json(path: str | Path, data) -> Path:
-    """Write JSON atomically: a temporary file in the same folder, then a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(data, stream, indent=1)
-            stream.write("\n")
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ------------------------------------------------------------------------------ batches of files
 
 
@@ -582,11 +565,7 @@ def write_detections(paths: Iterable[str | Path], out_dir: str | Path, detector:
       (grayscale, 16-bit, alpha, CMYK).
     """
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise FileExistsError(f"output directory {out_dir} exists; pass --overwrite to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.partial-"))
-    try:
+    with staging_dir(out_dir, overwrite) as staging:
         results, crop_names = [], []
         for result, image in _detect_each(paths, detector or StainDetector(), max_pixels):
             results.append(result)
@@ -595,9 +574,6 @@ def write_detections(paths: Iterable[str | Path], out_dir: str | Path, detector:
                 crop_names.append(_save_crops(staging / "crops", result.path.stem, crops))
         write_json(staging / "detections.json", to_coco(results, crop_names=crop_names))
         write_json(staging / "problems.json", _problems(results))
-        _replace_dir(staging, out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir, results
 
 
@@ -616,14 +592,3 @@ def _save_crops(folder: Path, stem: str, crops: list[Image.Image]) -> list[str]:
 def _problems(results: list[ImageResult]) -> list[dict]:
     rows = [{"file": str(r.path), "skipped" if r.skipped else "error": r.error} for r in results if r.error]
     return rows + [{"file": str(r.path), "note": note} for r in results for note in r.notes]
-
-
-def _replace_dir(staging: Path, target: Path) -> None:
-    """Move the finished ``staging`` folder to ``target``; an old target goes only afterwards."""
-    if target.exists():
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.replace(target, old)
-        os.replace(staging, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, target)

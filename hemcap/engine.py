@@ -49,11 +49,14 @@ class EngineSettings:
     num_beams: int = 1  # 1: greedy
     vision_chunk: int = 2  # images per vision-tower call; small chunks are fastest on CPU
     decode_chunk: int = 64  # encoded images decoded together; decoding is memory-bound at batch 1
+    tta_views: int = 1  # 1, 2, 4 or 8 rotations/flips captioned per image, attributes voted (cells have no orientation)
 
     def __post_init__(self):
         problems = [f"{name} must be >= 1 (got {getattr(self, name)})"
                     for name in ("max_new_tokens", "num_beams", "vision_chunk", "decode_chunk")
                     if getattr(self, name) < 1]
+        if self.tta_views not in (1, 2, 4, 8):
+            problems.append(f"tta_views must be 1, 2, 4 or 8 (got {self.tta_views})")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -66,6 +69,19 @@ def trained_schema(model_dir: str | Path) -> str:
     if summary.is_file():
         return json.loads(summary.read_text(encoding="utf-8")).get("data", {}).get("schema") or "wbcatt"
     return "wbcatt"
+
+
+def dihedral(image, k: int):
+    """View ``k`` of 8: rotation by k % 4 quarter turns, transposed when k >= 4. PIL image or CHW tensor."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        turned = image.rotate(90 * (k % 4), expand=True) if k % 4 else image
+        return turned.transpose(Image.Transpose.TRANSPOSE) if k >= 4 else turned
+    import torch
+
+    turned = torch.rot90(image, k % 4, dims=(-2, -1))
+    return turned.transpose(-2, -1) if k >= 4 else turned
 
 
 class CaptionEngine:
@@ -96,9 +112,40 @@ class CaptionEngine:
 
         if not rows:
             return []
+        views = self.settings.tta_views
+        if views > 1:
+            rows = [{key: dihedral(value, k) for key, value in row.items() if key in ("image", "pixels")}
+                    for row in rows for k in range(views)]
         with torch.inference_mode():
             ids, logprobs = self._generate(rows)
-        return [self._caption(row_ids, row_logprobs) for row_ids, row_logprobs in zip(ids, logprobs)]
+        captions = [self._caption(row_ids, row_logprobs) for row_ids, row_logprobs in zip(ids, logprobs)]
+        if views == 1:
+            return captions
+        return [self._vote(captions[i : i + views]) for i in range(0, len(captions), views)]
+
+    def _vote(self, views: list[Caption]) -> Caption:
+        """One caption from several views: each field takes the value with the most summed confidence.
+
+        When every field has a value, the caption is the schema's canonical sentence for the voted
+        attributes; otherwise the view that agrees with the vote most is kept as it was generated.
+        """
+        from hemcap.captions import render
+
+        attributes, confidences = {}, {}
+        for name in self.schema.field_names:
+            weight: dict[str, float] = {}
+            for view in views:
+                if view.attributes[name] is not None:
+                    weight[view.attributes[name]] = weight.get(view.attributes[name], 0.0) + (view.confidences[name] or 0.0)
+            best = max(weight, key=weight.get) if weight else None
+            attributes[name] = best
+            confidences[name] = weight[best] / len(views) if best is not None else None
+        agreeing = max(views, key=lambda v: sum(v.attributes[n] == attributes[n] for n in attributes))
+        if all(v is not None for v in attributes.values()):
+            text = render(attributes, self.schema)
+        else:
+            text = agreeing.text
+        return Caption(text, agreeing.token_ids, agreeing.token_probs, attributes, confidences, {})
 
     def _generate(self, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[float]]]:
         s = self.settings

@@ -7,7 +7,6 @@ Writes ``predictions.jsonl`` (enough to re-score with ``hemcap score``), ``metri
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -48,7 +47,8 @@ class EvalOptions:
 def evaluate(options: EvalOptions, settings: EngineSettings | None = None) -> dict:
     """Caption, score and report; returns the metrics."""
     from hemcap.metrics import score_records, write_predictions
-    from hemcap.recipes import get_split, load_prepared, replace_dir
+    from hemcap.fileio import staging_dir
+    from hemcap.recipes import get_split, load_prepared
     from hemcap.report import write_report
 
     dataset, meta = load_prepared(options.data_dir)
@@ -57,8 +57,7 @@ def evaluate(options: EvalOptions, settings: EngineSettings | None = None) -> di
         rows = rows.select(range(min(options.limit, len(rows))))
     engine = CaptionEngine.from_dir(options.model_dir, schema=meta["schema"], **vars(settings or EngineSettings()))
     records = caption_dataset(engine, rows)
-    staging = _staging_dir(Path(options.out_dir))
-    try:
+    with staging_dir(options.out_dir, options.overwrite) as staging:
         write_predictions(records, staging / "predictions.jsonl")
         metrics = score_records(
             records, baseline_labels=_train_labels(options.data_dir, dataset), reannotations=options.reannotations,
@@ -66,9 +65,6 @@ def evaluate(options: EvalOptions, settings: EngineSettings | None = None) -> di
             meta={"model": str(options.model_dir), "data": str(options.data_dir), "split": options.split},
         )
         write_report(metrics, staging)
-        replace_dir(staging, Path(options.out_dir), options.overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return metrics
 
 
@@ -108,11 +104,4 @@ def _record(row: dict, caption, schema) -> dict:
 def _train_labels(data_dir: Path, dataset) -> Path | None:
     """The training split gives the majority-class baseline, when the dataset has one."""
     return Path(data_dir) if "train" in dataset else None
-
-
-def _staging_dir(out_dir: Path) -> Path:
-    staging = out_dir.parent / f".{out_dir.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    return staging
 

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 import shutil
 import tempfile
 from pathlib import Path
+
+from hemcap.fileio import staging_dir, write_json
 
 log = logging.getLogger(__name__)
 
@@ -193,14 +194,11 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     if not is_peft(backend.model):
         raise ValueError(f"{model_dir} is a full model, not a LoRA adapter: there is nothing to merge")
     merged = merge_lora(backend)
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save(staging)
-    summary = read_training_summary(model_dir)
-    if summary:
-        (staging / TRAINING_FILE).write_text(json.dumps({**summary, "merged_from": str(model_dir)}, indent=2) + "\n",
-                                             encoding="utf-8")
-    _replace(staging, out_dir)
+    with staging_dir(out_dir, overwrite=True) as staging:
+        merged.save(staging)
+        summary = read_training_summary(model_dir)
+        if summary:
+            write_json(staging / TRAINING_FILE, {**summary, "merged_from": str(model_dir)}, indent=2)
     return out_dir
 
 
@@ -235,11 +233,3 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, dry_run: bo
                           commit_message="Upload hemcap model")
     log.info("pushed %s to %s", model_dir, url)
     return str(url)
-
-
-def _replace(staging: Path, target: Path) -> None:
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    if target.exists():
-        os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)

@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from hemcap.config import AugmentConfig
+from hemcap.fileio import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,8 @@ def _decode_one(item: dict, size: tuple[int, int]) -> tuple[np.ndarray | None, s
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------ batches

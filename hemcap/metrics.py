@@ -45,23 +45,21 @@ differ, so the metrics always follow the current parser.
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
 import random
 import re
-import secrets
 import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 from pycocoevalcap.rouge.rouge import Rouge
 
 from hemcap.captions import parse
+from hemcap.fileio import write_text
 from hemcap.schema import Schema, get_schema
 
 PREDICTION_KEYS = ("id", "caption", "references", "reference_attributes", "attributes", "confidences", "schema")
@@ -99,7 +97,7 @@ def read_predictions(path: str | Path) -> list[dict]:
 def write_predictions(records: Iterable[Mapping], path: str | Path) -> Path:
     """Write records as predictions.jsonl atomically (temp file, then rename)."""
     lines = [json.dumps(dict(r), ensure_ascii=False) for r in records]
-    return atomic_write_text(Path(path), "\n".join(lines) + "\n")
+    return write_text(path, "\n".join(lines) + "\n")
 
 
 def _decode_line(raw: bytes, where: str) -> dict | None:
@@ -770,26 +768,3 @@ def _example(record: Mapping, parsed: Mapping, cider: float) -> dict:
         "cider_d": float(cider),
         "errors": errors,
     }
-
-
-# ------------------------------------------------------------------------------------- io
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | Path) -> Iterator[Path]:
-    """A temp path beside ``path`` that replaces ``path`` on success and is removed on failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        yield tmp
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically (temp file in the same folder, then rename)."""
-    with atomic_output(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)

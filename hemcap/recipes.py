@@ -17,7 +17,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +27,7 @@ from typing import Iterable, Mapping
 from PIL import Image
 
 from hemcap.captions import caption_variants, render
+from hemcap.fileio import staging_dir, write_json
 from hemcap.schema import Schema, get_schema
 
 log = logging.getLogger(__name__)
@@ -185,16 +185,17 @@ def _records_from_coco_image(path, images_dir, image_entry, anns, categories, sc
         return [_failed_record(f"{where} #{n}: image_id {a.get('image_id')!r} is not in images[]", a, split) for n, a in anns]
     file_name = image_entry.get("file_name", "")
     smear_split = split or hash_split(file_name)  # whole smears go to one split: no leakage
-    try:
-        from hemcap.images import ImageError, load_rgb
+    from hemcap.images import ImageError, load_rgb, square_crop
 
+    try:
         smear = load_rgb(images_dir / file_name)
     except ImageError as error:
         return [_failed_record(f"{where} #{n}: {error.reason}", a, smear_split) for n, a in anns]
     records = []
     for number, ann in anns:
         attributes, problems = _coco_attributes(ann, image_entry, categories, schema, f"{where} #{number}")
-        crop = crop_square(smear, ann.get("bbox", [0, 0, 0, 0]), margin, crop_size)
+        x, y, w, h = (float(v) for v in ann.get("bbox", [0, 0, 0, 0]))
+        crop = square_crop(smear, (x, y, x + w, y + h), margin, crop_size)
         rid = f"{Path(file_name).stem}-{ann.get('id', number)}"
         records.append(CellRecord(rid, smear_split, attributes, f"{where} #{number}", image=crop,
                                   source="leukemiaattri", problems=problems))
@@ -222,28 +223,6 @@ def _coco_attributes(ann, image_entry, categories, schema, where) -> tuple[dict[
         if value is not None:
             attributes[name] = str(value)
     return attributes, problems
-
-
-def crop_square(image: Image.Image, bbox, margin: float, size: int | None) -> Image.Image:
-    """A square crop centred on a COCO box, ``margin`` of its longer side added on each side.
-
-    Parts outside the image are filled with the image's median colour (the slide background).
-    """
-    x, y, w, h = (float(v) for v in bbox)
-    side = max(w, h) * (1 + 2 * margin)
-    cx, cy = x + w / 2, y + h / 2
-    box = tuple(int(round(v)) for v in (cx - side / 2, cy - side / 2, cx + side / 2, cy + side / 2))
-    background = tuple(int(v) for v in _median_colour(image))
-    canvas = Image.new("RGB", (box[2] - box[0], box[3] - box[1]), background)
-    inside = (max(0, box[0]), max(0, box[1]), min(image.width, box[2]), min(image.height, box[3]))
-    canvas.paste(image.crop(inside), (inside[0] - box[0], inside[1] - box[1]))
-    return canvas.resize((size, size), Image.BICUBIC) if size else canvas
-
-
-def _median_colour(image: Image.Image):
-    import numpy as np
-
-    return np.median(np.asarray(image.reduce(8)).reshape(-1, 3), axis=0)
 
 
 # ------------------------------------------------------------------------------ reading tables
@@ -427,28 +406,9 @@ def _build_dataset_dict(records, image_data, schema: Schema, n_paraphrases: int,
 
 
 def _save_atomically(dataset, meta: dict, out_dir: Path, overwrite: bool) -> None:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = out_dir.parent / f".{out_dir.name}.partial-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
-    try:
+    with staging_dir(out_dir, overwrite) as staging:
         dataset.save_to_disk(str(staging))
-        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        replace_dir(staging, out_dir, overwrite)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-
-
-def replace_dir(staging: Path, target: Path, overwrite: bool) -> None:
-    """Move a finished ``staging`` dir to ``target``; an old target is removed only afterwards."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    if not overwrite:
-        raise FileExistsError(f"output directory {target} exists; pass --overwrite to replace it")
-    old = target.parent / f".{target.name}.old-{os.getpid()}"
-    os.replace(target, old)
-    os.replace(staging, target)
-    shutil.rmtree(old, ignore_errors=True)
+        write_json(staging / META_FILE, meta, indent=2)
 
 
 # ------------------------------------------------------------------------------ reading it back

@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from hemcap.metrics import atomic_output, atomic_write_text
+from hemcap.fileio import atomic_path, write_text
 
 CAPTION_COLUMNS = {
     "bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4",
@@ -44,9 +44,9 @@ def write_report(metrics: Mapping, out_dir: str | Path, *, plots: bool = True) -
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_files = write_plots(metrics, out_dir / PLOTS_DIR) if plots else []
-    atomic_write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
+    write_text(out_dir / METRICS_FILE, json.dumps(metrics, indent=2, ensure_ascii=False) + "\n")
     markdown = report_markdown(metrics, [p.relative_to(out_dir).as_posix() for p in plot_files])
-    atomic_write_text(out_dir / REPORT_FILE, markdown)
+    write_text(out_dir / REPORT_FILE, markdown)
     return out_dir
 
 
@@ -220,7 +220,7 @@ def _confusion_figure(name: str, confusion: Mapping):
 
 def _save(fig, path: Path) -> Path:
     """Save a figure as PNG atomically."""
-    with atomic_output(path) as tmp:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return path
 
@@ -241,8 +241,8 @@ def compare_reports(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plot = _save(_comparison_figure(reports, labels), out_dir / "comparison_accuracy.png")
-    atomic_write_text(out_dir / "comparison.csv", comparison_csv(reports, labels, report_dirs))
-    atomic_write_text(out_dir / "comparison.md", comparison_markdown(reports, labels, report_dirs, plot.name))
+    write_text(out_dir / "comparison.csv", comparison_csv(reports, labels, report_dirs))
+    write_text(out_dir / "comparison.md", comparison_markdown(reports, labels, report_dirs, plot.name))
     return out_dir
 
 

@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import uuid
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter, zoom
+
+from hemcap.fileio import staging_dir
 
 # Must match data_recipes/wbcatt.yaml (a schema test checks it): names and value strings
 # exactly as WBCAtt spells them. cell_type is WBCAtt's `label` column.
@@ -788,20 +787,6 @@ def write_smears(out_dir: str | Path, n: int, seed: int = 0, size=(640, 480)) ->
     category WBC = 1, each annotation with its "attributes"), ImageSets/Main/all.txt.
     """
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    token = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging = out_dir.parent / f".{out_dir.name}.tmp-{token}"
-    staging.mkdir()  # mkdir, not mkdtemp: the finished set gets normal (umask) permissions
-    try:
+    with staging_dir(out_dir, overwrite=True) as staging:
         _write_smear_files(staging, n, seed, tuple(size))
-        if out_dir.exists():  # swap the old set aside first: rename onto a non-empty dir fails
-            old = out_dir.parent / f".{out_dir.name}.old-{token}"
-            os.replace(out_dir, old)
-            os.replace(staging, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out_dir

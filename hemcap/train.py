@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from hemcap import checkpoint, models
+from hemcap import checkpoint, fileio, models
 from hemcap.config import ConfigError, RunConfig, add_train_arguments, config_from_args
 from hemcap.inputs import TrainBatches, decode_split
 
@@ -445,9 +445,7 @@ def _truncate_log(path: Path, step: int) -> None:
         return
     kept = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, path)
+    fileio.write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _log_training(run: Run, meter: _Meter, bar) -> None:
@@ -479,12 +477,9 @@ def _finish(run: Run) -> Path:
     final = run.out / FINAL_MODEL_DIR
     if accelerator.is_main_process:
         best = run.out / "checkpoints" / checkpoint.checkpoint_name(run.state["best_step"]) / checkpoint.MODEL_SUBDIR
-        staging = run.out / f".{FINAL_MODEL_DIR}.tmp"
-        shutil.rmtree(staging, ignore_errors=True)
-        shutil.copytree(best, staging)
-        (staging / SUMMARY_FILE).write_text(json.dumps(_summary(run), indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(staging, final)
+        with fileio.staging_dir(final, overwrite=True) as staging:
+            shutil.copytree(best, staging, dirs_exist_ok=True)
+            fileio.write_json(staging / SUMMARY_FILE, _summary(run), indent=2)
         log.info("model written to %s (step %d, %s %.4f)", final, run.state["best_step"], run.cfg.eval.metric,
                  run.state["best_metric"])
     accelerator.wait_for_everyone()

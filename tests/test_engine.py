@@ -69,3 +69,25 @@ def test_settings_are_checked():
 def test_model_dir_without_a_model(tmp_path):
     with pytest.raises(FileNotFoundError, match="holds no model"):
         CaptionEngine.from_dir(tmp_path)
+
+
+def test_dihedral_views_are_the_eight_symmetries():
+    from hemcap.engine import dihedral
+
+    image = torch.arange(12.0).reshape(1, 3, 4)
+    views = [dihedral(image, k) for k in range(8)]
+    assert len({tuple(v.flatten().tolist()) + tuple(v.shape) for v in views}) == 8
+    from PIL import Image
+
+    pil = Image.fromarray((torch.arange(12).reshape(3, 4).numpy() * 20).astype("uint8"))
+    assert [dihedral(pil, k).size for k in range(8)] == [(4, 3), (3, 4)] * 2 + [(3, 4), (4, 3)] * 2
+
+
+def test_tta_votes_per_attribute(tiny_blip_dir, cells):
+    engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=16, tta_views=4)
+    captions = engine.caption(cells[:2])
+    assert len(captions) == 2
+    for caption in captions:
+        assert set(caption.attributes) == set(engine.schema.field_names)
+        stated = [n for n, v in caption.attributes.items() if v is not None]
+        assert all(0.0 <= caption.confidences[n] <= 1.0 for n in stated)

@@ -9,7 +9,6 @@ from PIL import Image
 from hemcap.captions import parse
 from hemcap.recipes import (
     RecipeError,
-    crop_square,
     load_prepared,
     prepare_csv,
     prepare_leukemiaattri,
@@ -274,16 +273,6 @@ def test_leukemiaattri_bad_annotations(tmp_path):
     assert "lld.json annotation #0: cell_size code 7 out of range 0..2" in message
     assert "nucleolus='huge'" in message
     assert "image_id 42 is not in images[]" in message
-
-
-def test_crop_square_pads_with_background():
-    smear = Image.new("RGB", (100, 80), (200, 180, 190))
-    smear.paste((80, 0, 120), (90, 70, 100, 80))
-    crop = crop_square(smear, [90, 70, 10, 10], margin=0.5, size=None)
-    assert crop.size == (20, 20)
-    assert crop.getpixel((0, 0)) == (200, 180, 190)  # inside the smear
-    assert crop.getpixel((19, 19)) == (200, 180, 190)  # outside: filled with the median colour
-    assert crop.getpixel((7, 7)) == (80, 0, 120)
 
 
 # ---------------------------------------------------------------------------------- synthetic

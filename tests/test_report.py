@@ -5,7 +5,8 @@ import pytest
 
 from hemcap.captions import paraphrase, parse, render
 from hemcap.cli import main
-from hemcap.metrics import atomic_output, atomic_write_text, score_records, write_predictions
+from hemcap.fileio import atomic_path, write_text
+from hemcap.metrics import score_records, write_predictions
 from hemcap.report import ReportError, compare_reports, read_metrics, write_report
 from hemcap.schema import load_schema
 
@@ -64,9 +65,9 @@ def test_write_report_without_plots(tmp_path, scored):
 
 
 def test_atomic_writes_keep_the_old_file_when_writing_fails(tmp_path):
-    target = atomic_write_text(tmp_path / "metrics.json", "old")
+    target = write_text(tmp_path / "metrics.json", "old")
     with pytest.raises(RuntimeError):
-        with atomic_output(target) as tmp:
+        with atomic_path(target) as tmp:
             tmp.write_text("half")
             raise RuntimeError("disk full")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
