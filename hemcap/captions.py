@@ -60,6 +60,21 @@ def normalize(text: str) -> str:
     return " ".join(normalize_tokens(text))
 
 
+def tidy(text: str) -> str:
+    """Generated text as a person writes it: WordPiece decoding leaves "band - shaped", "n : c",
+    "ratio ;" and a lower-case start. Parsing is unaffected (it normalises all of these)."""
+    text = _SPACED_NC.sub("N:C", text)
+    text = _SPACED_HYPHEN.sub("-", text)
+    text = _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()
+    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text)
+
+
+_SPACED_NC = re.compile(r"\bn\s*:\s*c\b", re.IGNORECASE)
+_SPACED_HYPHEN = re.compile(r"(?<=\w) - (?=\w)")
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,;:.!?])")
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+
+
 # ---------------------------------------------------------------------------------- rendering
 
 

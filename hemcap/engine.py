@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from hemcap.captions import compiled_parser
+from hemcap.captions import compiled_parser, tidy
 from hemcap.schema import Schema, get_schema
 
 log = logging.getLogger(__name__)
@@ -190,7 +190,7 @@ class CaptionEngine:
                 if parsed[name] is not None and lowest is not None:
                     previous = confidences[name]
                     confidences[name] = lowest if previous is None else min(previous, lowest)
-        return Caption(text, token_ids, probs, dict(parsed), confidences, parsed.contradictions)
+        return Caption(tidy(text), token_ids, probs, dict(parsed), confidences, parsed.contradictions)
 
     def _decode_with_spans(self, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
         """The text and each token's character span in it (from the decoded prefixes)."""

@@ -13,6 +13,7 @@ from hemcap.captions import (
     parse,
     phrase_table,
     render,
+    tidy,
 )
 from hemcap.schema import build_schema, load_schema, SchemaError
 
@@ -106,6 +107,13 @@ def test_phrase_matches_locate_the_evidence():
         ("neutrophil", 0, 1), ("large and round", 2, 5), ("low nc ratio", 6, 9)]
     assert [text[m.char_start : m.char_end] for m in matches] == ["Neutrophil", "Large and round", "LOW N:C ratio"]
     assert matches[2].assignment == {"nuclear_cytoplasmic_ratio": "low"}
+
+
+def test_tidy_undoes_wordpiece_spacing():
+    raw = "neutrophil, large and round, with a band - shaped nucleus and a low n : c ratio ; no vacuoles. it is granular ."
+    assert tidy(raw) == ("Neutrophil, large and round, with a band-shaped nucleus and a low N:C ratio; no vacuoles. "
+                         "It is granular.")
+    assert parse(tidy(raw)) == parse(raw)
 
 
 def test_render_rejects_bad_attributes():

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from hemcap.captions import tidy
 from hemcap.engine import CaptionEngine, EngineSettings
 from hemcap.synthetic import make_cells
 
@@ -31,7 +32,7 @@ def test_token_probabilities_and_text(tiny_blip_dir, cells):
     caption = engine.caption(cells[:1])[0]
     assert len(caption.token_probs) == len(caption.token_ids) <= 16
     assert all(0.0 < p <= 1.0 for p in caption.token_probs)
-    assert caption.text == engine.backend.tokenizer.decode(caption.token_ids, skip_special_tokens=True).strip()
+    assert caption.text == tidy(engine.backend.tokenizer.decode(caption.token_ids, skip_special_tokens=True))
     assert set(caption.attributes) == set(engine.schema.field_names)
 
 
