@@ -64,6 +64,7 @@ def _add_quickstart(sub) -> None:
     quick.add_argument("--data-dir", help="for --data wbcatt: folder with wbcatt/ and pbc/ (e.g. ../shared/data)")
     quick.add_argument("--runs-dir", default="runs", help="each run writes a new folder here")
     quick.add_argument("--seed", type=int, default=0)
+    quick.add_argument("--max-minutes", type=float, help="training time budget (default: the config's)")
     quick.set_defaults(run=_run_quickstart)
 
 
@@ -72,9 +73,13 @@ def _run_quickstart(args) -> int:
 
     from hemcap.quickstart import QuickstartOptions, run
 
-    options = QuickstartOptions(args.data, Path(args.data_dir) if args.data_dir else None, Path(args.runs_dir), args.seed)
-    for key, value in run(options).items():
-        print(f"{key:>10}: {value}")
+    options = QuickstartOptions(args.data, Path(args.data_dir) if args.data_dir else None, Path(args.runs_dir),
+                                args.seed, args.max_minutes)
+    summary = run(options)
+    width = max(map(len, summary))
+    print("\nhemcap quickstart: done")
+    for key, value in summary.items():
+        print(f"  {key:<{width}}  {value}")
     return 0
 
 
@@ -148,6 +153,290 @@ def _run_recipe(function: str, args, **kwargs) -> int:
     dataset, _ = recipes.load_prepared(out)
     print(f"wrote {out}: " + ", ".join(f"{split} {len(dataset[split])}" for split in dataset))
     return 0
+
+
+@subcommand
+def _add_eval(sub) -> None:
+    ev = sub.add_parser("eval", help="caption a dataset split with a model, then score and report it")
+    ev.add_argument("--model", required=True, help="model dir written by `hemcap train` (model or LoRA adapter)")
+    ev.add_argument("--data", required=True, help="dataset dir written by `hemcap prepare`")
+    ev.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    ev.add_argument("--out", required=True, help="report folder: predictions.jsonl, metrics.json, report.md, plots")
+    ev.add_argument("--limit", type=int, help="evaluate only the first N rows")
+    ev.add_argument("--reannotations", help="WBCAtt re-annotation CSV, for the human agreement ceiling")
+    ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java; about 25 s per 3,000 captions)")
+    ev.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding (default)")
+    ev.add_argument("--max-new-tokens", type=int, default=60)
+    ev.add_argument("--batch", type=int, default=64, help="images decoded together")
+    ev.add_argument("--tta-views", type=int, default=1, choices=(1, 2, 4, 8),
+                    help="caption rotated/flipped views and vote each attribute (default 1: off)")
+    ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ev.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from pathlib import Path
+
+    from hemcap.engine import EngineSettings
+    from hemcap.evaluation import EvalOptions, evaluate
+
+    options = EvalOptions(
+        model_dir=Path(args.model), data_dir=Path(args.data), out_dir=Path(args.out), split=args.split,
+        limit=args.limit, reannotations=Path(args.reannotations) if args.reannotations else None,
+        meteor=False if args.no_meteor else None, overwrite=args.overwrite)
+    settings = EngineSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, decode_chunk=args.batch,
+                              tta_views=args.tta_views)
+    metrics = evaluate(options, settings)
+    faith = metrics["faithfulness"]
+    print(f"{metrics['n']} captions; mean attribute accuracy {faith['attribute_mean']['accuracy']:.1%}, "
+          f"cell type {faith['fields']['cell_type']['accuracy']:.1%}, CIDEr-D {metrics['caption']['cider_d']:.3f}")
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
+@subcommand
+def _add_score(sub) -> None:
+    score = sub.add_parser("score", help="recompute every metric from a predictions.jsonl file",
+                           description="Recompute caption and faithfulness metrics from predictions.jsonl alone "
+                                       "and write metrics.json, report.md and plots.")
+    score.add_argument("predictions", help="predictions.jsonl (format: hemcap.metrics docstring)")
+    score.add_argument("--out", help="report folder (default: the predictions file's folder)")
+    score.add_argument("--train-labels", help="training labels for the majority baseline: an annotation CSV or a "
+                                              "prepared dataset folder (default: the references)")
+    score.add_argument("--reannotations", help="second-annotator CSV for the human ceiling "
+                                               "(e.g. ../shared/data/wbcatt/pbc_attr_reannotations.csv)")
+    score.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java and takes ~25 s per 3k)")
+    score.add_argument("--bertscore-model", help="local model folder for BERTScore (needs the bert-score package)")
+    score.add_argument("--examples", type=int, default=5, help="best, worst and random example captions to show")
+    score.add_argument("--seed", type=int, default=0, help="seed for the random examples")
+    score.add_argument("--no-plots", action="store_true", help="write metrics.json and report.md only")
+    score.set_defaults(run=_run_score)
+
+
+def _run_score(args) -> int:
+    from pathlib import Path
+
+    from hemcap.metrics import score_predictions
+    from hemcap.report import write_report
+
+    metrics = score_predictions(
+        args.predictions, baseline_labels=args.train_labels, reannotations=args.reannotations,
+        meteor=False if args.no_meteor else None, bertscore_model=args.bertscore_model,
+        n_examples=args.examples, seed=args.seed,
+    )
+    out = write_report(metrics, args.out or Path(args.predictions).parent, plots=not args.no_plots)
+    faith, caption = metrics["faithfulness"], metrics["caption"]
+    print(f"mean attribute accuracy {100 * faith['attribute_mean']['accuracy']:.1f}%, "
+          f"cell type {100 * faith['fields'][faith['targets'][0]]['accuracy']:.1f}%, "
+          f"CIDEr-D {caption['cider_d']:.3f}, BLEU-4 {caption['bleu_4']:.3f}")
+    print(f"wrote {out / 'report.md'}")
+    return 0
+
+
+@subcommand
+def _add_compare(sub) -> None:
+    compare = sub.add_parser("compare", help="set eval reports side by side (markdown, CSV, bar plot)")
+    compare.add_argument("reports", nargs="+", metavar="REPORT_DIR", help="folders holding metrics.json")
+    compare.add_argument("--out", required=True, help="folder for comparison.md, comparison.csv and the plot")
+    compare.add_argument("--labels", nargs="+", help="one column label per report (default: model name or folder)")
+    compare.set_defaults(run=_run_compare)
+
+
+def _run_compare(args) -> int:
+    from hemcap.report import compare_reports
+
+    out = compare_reports(args.reports, args.out, labels=args.labels)
+    print(f"wrote {out / 'comparison.md'}, comparison.csv, comparison_accuracy.png")
+    return 0
+
+
+@subcommand
+def _add_train(sub) -> None:
+    from hemcap.config import add_train_arguments
+
+    train = sub.add_parser("train", help="fine-tune a captioning model (full or LoRA) on a prepared dataset",
+                           description="Fine-tune a captioning model. The same code runs under "
+                                       "`accelerate launch hemcap/train.py ...` on one or many GPUs.")
+    add_train_arguments(train)
+    train.set_defaults(run=_run_train)
+
+
+def _run_train(args) -> int:
+    from hemcap.config import config_from_args
+    from hemcap.train import fit
+
+    print(f"model written to {fit(config_from_args(args))}")
+    return 0
+
+
+@subcommand
+def _add_export(sub) -> None:
+    export = sub.add_parser("export", help="write a standalone model from a LoRA adapter (--merge)")
+    export.add_argument("model_dir", help="trained model dir holding a LoRA adapter (e.g. runs/x/model)")
+    export.add_argument("--merge", action="store_true", required=True, help="merge the adapter into its base")
+    export.add_argument("--out", required=True, help="dir to write the merged model to")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> int:
+    from hemcap.hub import export_merged
+
+    print(f"merged model written to {export_merged(args.model_dir, args.out, overwrite=args.overwrite)}")
+    return 0
+
+
+@subcommand
+def _add_push(sub) -> None:
+    push = sub.add_parser("push", help="upload a trained model, its processor and a model card to the Hub")
+    push.add_argument("model_dir", help="trained model dir (e.g. runs/x/model)")
+    push.add_argument("--repo-id", required=True, help="user/name on the Hugging Face Hub")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
+    push.add_argument("--out", help="with --dry-run: where to write it (default: <model_dir>-hub-upload)")
+    push.add_argument("--license", help="license id for the card (default: the base model's, else apache-2.0)")
+    push.set_defaults(run=_run_push)
+
+
+def _run_push(args) -> int:
+    from hemcap.hub import push
+
+    where = push(args.model_dir, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
+                 license=args.license)
+    print(f"{'would upload' if args.dry_run else 'uploaded to'}: {where}")
+    return 0
+
+
+@subcommand
+def _add_detect(sub) -> None:
+    detect = sub.add_parser(
+        "detect", help="find the white cells on smear images: square crops + COCO JSON",
+        description="Find the white blood cells on smear images with the weight-free stain detector (or "
+                    "another tool's saved predictions). Writes crops/, detections.json (COCO, with scores) and "
+                    "problems.json; a file that cannot be read is reported there and the batch goes on.")
+    detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    detect.add_argument("--out", required=True, help="folder to write (must not exist unless --overwrite)")
+    detect.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    detect.add_argument("--crop-size", type=int, default=384, help="side of the square crops in pixels (0: keep)")
+    detect.add_argument("--margin", type=float, default=0.6, help="context around each box, share of its longer side")
+    detect.add_argument("--scale", type=float, default=1.0,
+                        help="magnification vs BCCD: your red-cell diameter in pixels / 100 (synthetic smears: 0.6)")
+    detect.add_argument("--min-score", type=float, default=0.0, help="drop detections scoring below this")
+    detect.add_argument("--yolo-dir", help="take boxes from YOLO txt predictions in this folder instead")
+    detect.add_argument("--coco-json", help="take boxes from this COCO predictions file instead")
+    detect.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default 40,000,000)")
+    detect.set_defaults(run=_run_detect)
+
+
+def _run_detect(args) -> int:
+    from hemcap.detect import build_detector, write_detections
+
+    detector = build_detector(args.yolo_dir, args.coco_json, scale=args.scale, min_score=args.min_score)
+    out, results = write_detections(args.images, args.out, detector, crop_size=args.crop_size or None,
+                                    margin=args.margin, overwrite=args.overwrite, max_pixels=args.max_pixels)
+    failed = [r for r in results if r.error and not r.skipped]
+    for result in failed:
+        print(f"could not read {result.path}: {result.error}", file=sys.stderr)
+    read = [r for r in results if not r.error]
+    print(f"files: {len(read)} read, {len(failed)} unreadable, {len(results) - len(read) - len(failed)} not images; "
+          f"{sum(len(r.detections) for r in read)} cells; wrote {out} (problems.json lists each problem)")
+    return 0
+
+
+@subcommand
+def _add_caption(sub) -> None:
+    caption = sub.add_parser(
+        "caption", help="describe every white cell on smear images (or single-cell crops): JSON + overlay",
+        description="Find the white cells on each image, caption them, and write <image>.json (per-cell caption, "
+                    "attributes, confidences, flags; differential count) and <image>_overlay.png per image, plus "
+                    "summary.json. Images already done are skipped, so a stopped run resumes. Under "
+                    "`accelerate launch --num_processes N -m hemcap.cli caption ...` the images are split across "
+                    "processes (one per GPU; without GPUs add --multi_gpu: --cpu starts a single process).")
+    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    caption.add_argument("--model", required=True, help="trained model dir (hemcap train's output, e.g. runs/x/model)")
+    caption.add_argument("--out", required=True, help="folder for the reports (created; reused to resume)")
+    kind = caption.add_mutually_exclusive_group()
+    kind.add_argument("--detect", dest="kind", action="store_const", const="smear",
+                      help="every image is a smear: detect the cells, caption each")
+    kind.add_argument("--cell", dest="kind", action="store_const", const="cell",
+                      help="every image is one cell crop: caption the whole image")
+    caption.set_defaults(kind="auto")
+    caption.add_argument("--batch", type=int, default=64, help="crops decoded together by the captioner")
+    caption.add_argument("--max-new-tokens", type=int, default=60, help="longest caption in tokens")
+    caption.add_argument("--min-confidence", type=float, default=0.5,
+                         help="flag attributes stated with a lower token probability")
+    caption.add_argument("--detector-scale", type=float, default=1.0,
+                         help="magnification vs BCCD: your red-cell diameter in pixels / 100 (synthetic smears: 0.6)")
+    caption.add_argument("--margin", type=float, default=0.6, help="context around each cell's box, share of its side")
+    caption.add_argument("--crop-size", type=int, default=0, help="side of the crops (0: the model's input size)")
+    caption.add_argument("--yolo-dir", help="take boxes from YOLO txt predictions in this folder instead")
+    caption.add_argument("--coco-json", help="take boxes from this COCO predictions file instead")
+    caption.add_argument("--crops", action="store_true", help="also save each cell's crop under <image>_crops/")
+    caption.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default 40,000,000)")
+    caption.add_argument("--overwrite", action="store_true", help="redo images whose reports exist")
+    caption.set_defaults(run=_run_caption)
+
+
+def _run_caption(args) -> int:
+    from hemcap.detect import build_detector
+    from hemcap.engine import CaptionEngine
+    from hemcap.pipeline import SmearPipeline, process_images, process_state, summary_lines
+
+    engine = CaptionEngine.from_dir(args.model, decode_chunk=args.batch, max_new_tokens=args.max_new_tokens)
+    detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)
+    pipeline = SmearPipeline(engine, detector, crop_size=args.crop_size or None, margin=args.margin,
+                             min_confidence=args.min_confidence)
+    summary = process_images(args.images, args.out, pipeline, kind=args.kind, overwrite=args.overwrite,
+                             crops=args.crops, max_pixels=args.max_pixels)
+    if process_state().is_main_process:
+        print("\n".join(summary_lines(summary, args.out)))
+    return 0
+
+
+@subcommand
+def _add_demo(sub) -> None:
+    demo = sub.add_parser("demo", help="open the review page: a smear or cell image in, captions and counts out",
+                          description="Serve the Gradio review page for a trained model (research use, not for "
+                                      "diagnosis). It binds 127.0.0.1 unless --host says otherwise.")
+    demo.add_argument("--model", help="trained model dir (default: the newest quickstart run's model)")
+    demo.add_argument("--runs-dir", default="runs", help="where to look for quickstart runs without --model")
+    demo.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
+    demo.add_argument("--port", type=int, default=7860)
+    demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from hemcap.review import resolve_model_dir
+
+    model_dir, origin = resolve_model_dir(args.model, args.runs_dir)  # refuse before loading anything heavy
+    print(origin, flush=True)
+    app = _import_demo_app()
+    try:
+        app.launch(model_dir, host=args.host, port=args.port, share=args.share)
+    except OSError as error:
+        raise UserError(str(error)) from error
+    return 0
+
+
+def _import_demo_app():
+    """``demo.app``: beside ``hemcap/`` in a source checkout, else an installed ``demo`` package."""
+    import importlib.util
+    from pathlib import Path
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("the demo needs gradio: pip install -c constraints.txt -e '.[demo]'")
+    root = Path(__file__).resolve().parents[1]
+    if (root / "demo" / "app.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    try:
+        from demo import app
+    except ModuleNotFoundError as error:
+        if error.name != "demo":
+            raise
+        raise UserError(f"the demo (demo/app.py) was not found beside {root / 'hemcap'}; "
+                        "run it from a source checkout of hemcap") from error
+    return app
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 
 
 class ConfigError(ValueError):
@@ -278,7 +278,7 @@ class TrainConfig(_Section):
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (null: no clipping)."""
     precision: str | None = None
-    """fp32, bf16 or fp16 (fp16 needs CUDA); null: bf16 on a CUDA GPU that has it, else fp32."""
+    """fp32, bf16, fp16 (CUDA only) or auto (bf16 on a GPU or CPU with native bf16); null: bf16 on a CUDA GPU that has it, else fp32."""
     log_every: int = 10
     """Log loss, learning rate and samples/s every N steps."""
     eval_every: int | None = None

@@ -80,7 +80,7 @@ def prepare_data(options: QuickstartOptions, run_dir: Path) -> Path:
     out = run_dir / "data"
     if options.data == "wbcatt":
         return recipes.prepare_wbcatt(options.data_dir, out, seed=options.seed)
-    return recipes.prepare_synthetic(out, n_train=1200, n_val=100, n_test=200, size=64, seed=options.seed)
+    return recipes.prepare_synthetic(out, n_train=4000, n_val=100, n_test=200, size=96, seed=options.seed)
 
 
 def train_model(options: QuickstartOptions, run_dir: Path, data_dir: Path) -> Path:

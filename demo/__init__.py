@@ -1,0 +1,1 @@
+"""The Gradio demo (``hemcap demo``); the library never imports it."""

@@ -1,0 +1,318 @@
+"""The demo's logic and page through gradio's Python API (no browser): review tables, downloads,
+model resolution, friendly errors and the safe launch settings."""
+
+import csv
+import io
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hemcap import review
+from hemcap.cli import _import_demo_app, main
+from hemcap.pipeline import CellReport, SmearReport
+from hemcap.schema import load_schema
+
+gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install -e '.[demo]')")
+# gradio 6.31's queue calls pandas options that pandas 3 deprecates; nothing of ours
+pytestmark = pytest.mark.filterwarnings("ignore::pandas.errors.Pandas4Warning")
+demo_app = _import_demo_app()  # demo/app.py: installed, or beside hemcap/ in a checkout
+
+EXAMPLES = Path(demo_app.EXAMPLES_DIR)
+SCHEMA = load_schema("wbcatt")
+
+
+@pytest.fixture(scope="module")
+def reviewer(tiny_blip_dir, tmp_path_factory):
+    return demo_app.load_reviewer(tiny_blip_dir, tmp_path_factory.mktemp("downloads"))
+
+
+@pytest.fixture(scope="module")
+def page(reviewer):
+    """The page served on a free port of 127.0.0.1 with the demo's settings, and a client for it."""
+    from gradio_client import Client
+
+    app = demo_app.serve(demo_app.build_app(reviewer), port=free_port())
+    yield app, Client(app.local_url, verbose=False)
+    app.close()
+
+
+def analyse(client, path, kind="auto", red_cell_px=60):
+    """The page's `analyse` endpoint as the browser calls it: upload, then the event."""
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), kind, red_cell_px, api_name="/analyse")
+
+
+@pytest.fixture(scope="module")
+def empty_smear(tmp_path_factory) -> Path:
+    from hemcap.synthetic import draw_smear
+
+    image, cells = draw_smear(3, n_wbc=0)
+    assert cells == []
+    path = tmp_path_factory.mktemp("empty") / "no_white_cells.jpg"
+    image.save(path, quality=90)
+    return path
+
+
+def cell(index=1, **overrides) -> CellReport:
+    attributes = {name: SCHEMA.values(name)[0] for name in SCHEMA.field_names}
+    fields = dict(box=(0, 0, 10, 10), detector_score=0.9, caption="a caption", attributes=attributes,
+                  confidences=dict.fromkeys(attributes, 0.9), contradictions={}, flags=[])
+    fields.update(overrides)
+    return CellReport(index, **fields)
+
+
+# ------------------------------------------------------------------------------ the bundled examples
+
+
+def test_examples_are_small_synthetic_images():
+    files = {path.name: path for path in EXAMPLES.iterdir()}
+    assert set(files) == {name for name, _ in demo_app.EXAMPLES}
+    assert sum(path.stat().st_size for path in files.values()) < 400_000
+    from hemcap.images import load_rgb
+
+    assert load_rgb(files["smear_1.jpg"]).size == (640, 480)
+    assert load_rgb(files["cell_neutrophil.png"]).size == (128, 128)
+
+
+# ------------------------------------------------------------------------------ analysis
+
+
+def test_smear_gives_numbered_cells_overlay_and_downloads(reviewer):
+    result = reviewer.analyse(EXAMPLES / "smear_1.jpg", "auto", 60)
+    report = result.report
+    assert report.kind == "smear" and len(report.cells) == 4  # the four drawn cells
+    assert [c.index for c in report.cells] == [1, 2, 3, 4] and all(c.box and c.crop for c in report.cells)
+    assert result.overlay.size == (640, 480)
+    assert all(crop.width > 100 for crop in result.crops)  # shown at the smear's resolution, not the model's 64 px
+    document = json.loads(result.downloads["json"].read_text())
+    assert document["image"] == "smear_1.jpg"  # the name only, never a server path
+    assert document["note"] == review.RESEARCH_NOTE and document["model"]
+    rows = list(csv.DictReader(io.StringIO(result.downloads["csv"].read_text())))
+    assert [row["cell"] for row in rows] == ["1", "2", "3", "4"]
+    assert {*SCHEMA.field_names, *(f"{n}_confidence" for n in SCHEMA.field_names)} <= set(rows[0])
+    assert rows[0]["caption"] == report.cells[0].caption
+
+
+def test_single_cell_is_told_apart_and_can_be_forced(reviewer):
+    cell_result = reviewer.analyse(EXAMPLES / "cell_neutrophil.png", "auto", 60)
+    assert cell_result.report.kind == "cell" and len(cell_result.report.cells) == 1
+    assert cell_result.report.cells[0].box is None
+    forced = reviewer.analyse(EXAMPLES / "smear_2.jpg", "cell", 60)
+    assert forced.report.kind == "cell" and len(forced.report.cells) == 1
+
+
+def test_page_endpoint_is_named_after_its_function(page):
+    app, client = page
+    assert "analyse" in {fn.api_name for fn in app.fns.values()}
+    assert "/analyse" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+
+
+def test_page_shows_a_smear_through_gradio(page):
+    """The whole event over HTTP: gradio's upload and preprocessing, the handler, its postprocessing."""
+    outputs = analyse(page[1], EXAMPLES / "smear_2.jpg")
+    status = outputs[0]
+    assert "4 white cells found" in status
+    rendered = json.dumps(outputs, default=str)
+    assert "Total" in rendered and "Cell 4" in rendered and "_hemcap.csv" in rendered
+
+
+def test_non_image_upload_gets_a_friendly_message(page, tmp_path):
+    from gradio_client.exceptions import AppError
+
+    text = tmp_path / "notes.txt"
+    text.write_text("not a picture")
+    with pytest.raises(AppError) as caught:
+        analyse(page[1], text)
+    message = str(caught.value)
+    assert "cannot be analysed" in message and "not an image file" in message
+    assert str(tmp_path) not in message and "Traceback" not in message
+
+
+def test_missing_file_and_internal_failure_stay_one_sentence(reviewer, monkeypatch):
+    with pytest.raises(gr.Error) as caught:
+        demo_app.run_review(reviewer, None, "auto", 60)
+    assert caught.value.message == demo_app.NO_IMAGE
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("/secret/server/path exploded")
+
+    monkeypatch.setattr(reviewer, "analyse", explode)
+    with pytest.raises(gr.Error) as caught:
+        demo_app.run_review(reviewer, str(EXAMPLES / "smear_1.jpg"), "auto", 60)
+    assert caught.value.message == demo_app.FAILED and "/secret" not in caught.value.message
+
+
+def test_image_without_cells_gives_an_empty_report(reviewer, page, empty_smear):
+    result = reviewer.analyse(empty_smear, "auto", 60)
+    assert result.report.kind == "smear" and result.report.cells == []
+    assert review.differential_table(result.report).rows[-1] == ["Total", 0, "0.0"]
+    status = analyse(page[1], empty_smear)[0]
+    assert "0 white cells found" in status and "red-cell diameter" in status
+    assert json.loads(result.downloads["json"].read_text())["cells"] == []
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+def test_attribute_table_marks_low_confidence_contradiction_and_missing():
+    target = SCHEMA.cell_type_field
+    shape_values = list(SCHEMA.values("cell_shape"))
+    doubtful = cell(2, confidences={**dict.fromkeys(SCHEMA.field_names, 0.9), "cell_size": 0.2},
+                    contradictions={"cell_shape": shape_values},
+                    flags=["low confidence: cell_size (0.20)", "contradiction: cell_shape"])
+    doubtful.attributes["cell_shape"] = None
+    doubtful.attributes["granularity"] = None
+    report = SmearReport("s.jpg", 10, 10, [cell(1), doubtful], {}, [2], [])
+    table = review.attribute_table(report, SCHEMA, min_confidence=0.5)
+    assert table.headers == ["Attribute", "Cell 1", "Cell 2"]
+    rows = {row[0]: row for row in table.rows}
+    marks = {row[0]: mark for row, mark in zip(table.rows, table.marks)}
+    assert table.rows[0][0] == review.field_label(target)  # the cell type comes first
+    assert rows["Cell size"][2].startswith("⚠ ") and marks["Cell size"][2] == review.LOW
+    assert rows["Cell shape"][2] == "✗ " + " / ".join(shape_values) and marks["Cell shape"][2] == review.CONTRADICTION
+    assert rows["Granularity"][2] == review.NOT_STATED and marks["Granularity"][2] == review.MISSING
+    assert rows["Cell size"][1].endswith("(0.90)") and marks["Cell size"][1] == ""
+    assert rows["Flags"][1:] == ["none", "⚠ 2 flags"]
+    summary = review.flag_summary(doubtful, SCHEMA, 0.5)
+    assert summary[0].startswith("contradicts itself on cell shape") and "cell size" in summary[-1]
+
+
+def test_single_cell_table_lists_every_field_once():
+    table = review.cell_table(cell(confidences={**dict.fromkeys(SCHEMA.field_names, 0.9), "cell_size": 0.1}),
+                              SCHEMA, 0.5)
+    assert [row[0] for row in table.rows] == [review.field_label(n) for n in review.review_fields(SCHEMA)]
+    size = next(row for row in table.rows if row[0] == "Cell size")
+    assert size[2] == "0.10" and size[3].startswith("low confidence")
+
+
+def test_differential_table_hides_an_empty_unclassified_row():
+    from hemcap.pipeline import differential
+
+    cells = [cell(1), cell(2)]
+    report = SmearReport("s.jpg", 10, 10, cells, differential(cells, SCHEMA.values("cell_type"), "cell_type"), [], [])
+    rows = review.differential_table(report).rows
+    assert [row[0] for row in rows] == [*SCHEMA.values("cell_type"), "Total"]
+    assert rows[0][1:] == [2, "100.0"] and rows[-1] == ["Total", 2, "100.0"]
+
+
+def test_download_names_are_safe():
+    assert review.safe_stem("../../etc/passwd") == "passwd"
+    assert review.safe_stem("my smear (1).JPG") == "my_smear_1"
+    assert review.safe_stem("") == "image"
+
+
+# ------------------------------------------------------------------------------ the model
+
+
+def fake_model(path: Path, training: dict | None = None) -> Path:
+    path.mkdir(parents=True)
+    (path / "config.json").write_text("{}")
+    (path / "hemcap_model.json").write_text(json.dumps({"kind": "blip", "adapter": False}))
+    if training is not None:
+        (path / "training.json").write_text(json.dumps(training))
+    return path
+
+
+def test_without_model_the_newest_quickstart_run_is_used(tmp_path):
+    import os
+
+    older = fake_model(tmp_path / "quickstart-20250101-000000" / "model" / "model")
+    newer = fake_model(tmp_path / "quickstart-20250102-000000" / "model" / "model")
+    (tmp_path / "quickstart-20250103-000000" / "model").mkdir(parents=True)  # still training: no model yet
+    os.utime(older, (1, 1))
+    path, origin = review.resolve_model_dir(None, tmp_path)
+    assert path == newer and "newest quickstart model" in origin
+    assert review.summarize_model(path).name == "quickstart-20250102-000000/model/model"
+    with pytest.raises(FileNotFoundError, match="run `hemcap quickstart` first"):
+        review.resolve_model_dir(None, tmp_path / "empty")
+
+
+def test_missing_model_dir_refuses_to_start(tmp_path, capsys):
+    code = main(["demo", "--model", str(tmp_path / "no_such_model")])
+    err = capsys.readouterr().err
+    assert code == 2 and "does not exist" in err and "Traceback" not in err
+    assert main(["demo", "--model", str(tmp_path)]) == 2  # a folder without a model
+    assert "holds no model" in capsys.readouterr().err
+
+
+def test_model_summary_prefers_the_test_report(tmp_path):
+    training = {"metrics": {"attribute_accuracy": 0.9, "cell_type_accuracy": 0.8, "cider": 1.5},
+                "data": {"recipe": "synthetic", "train_images": 600, "val_images": 100, "schema": "wbcatt"},
+                "init": "scratch"}
+    model = fake_model(tmp_path / "run" / "model", training)
+    summary = review.summarize_model(model)
+    assert summary.name == "run/model" and summary.recipe == "synthetic"
+    assert "trained from random weights on synthetic data (600 training images" in summary.description
+    assert summary.figures[0] == ("Mean attribute accuracy", "90.0%") and "validation" in summary.source
+    report = {"n": 200, "caption": {"cider_d": 2.5}, "faithfulness": {
+        "attribute_mean": {"accuracy": 0.97}, "targets": ["cell_type"], "fields": {"cell_type": {"accuracy": 0.99}}}}
+    (tmp_path / "run" / "report").mkdir()
+    (tmp_path / "run" / "report" / "metrics.json").write_text(json.dumps(report))
+    quickstart = fake_model(tmp_path / "quickstart-1" / "model" / "model", training)  # hemcap quickstart's layout
+    (tmp_path / "quickstart-1" / "report").mkdir()
+    (tmp_path / "quickstart-1" / "report" / "metrics.json").write_text(json.dumps(report))
+    assert review.summarize_model(quickstart).source == "held-out test set, 200 images"
+    summary = review.summarize_model(model)
+    assert summary.figures == [("Mean attribute accuracy", "97.0%"), ("Cell-type accuracy", "99.0%"),
+                               ("CIDEr-D", "2.500")]
+    assert summary.source == "held-out test set, 200 images"
+    assert review.summarize_model(fake_model(tmp_path / "bare")).figures == []
+
+
+def test_model_summary_reads_a_hub_model_card(tmp_path):
+    """A model downloaded from the Hub has its card (written by `hemcap push`) but no training.json."""
+    from hemcap.hub import build_model_card
+
+    training = {"metrics": {"attribute_accuracy": 0.91, "cell_type_accuracy": 0.95, "cider": 1.2},
+                "data": {"recipe": "wbcatt", "train_images": 6000, "val_images": 1000, "schema": "wbcatt"}}
+    model = fake_model(tmp_path / "downloaded", training)
+    build_model_card(model, "someone/hemcap-blip").save(model / "README.md")
+    (model / "training.json").unlink()
+    summary = review.summarize_model(model)
+    assert ("mean attribute accuracy", "91.0%") in summary.figures and "validation" in summary.source
+
+
+def test_synthetic_models_default_to_the_synthetic_magnification(tmp_path, reviewer):
+    assert reviewer.default_red_cell_px == demo_app.BCCD_RED_CELL_PX  # the fixture model has no training record
+    summary = review.ModelSummary("m", "d", [], "s", recipe="synthetic")
+    assert demo_app.Reviewer(reviewer.engine, summary, tmp_path).default_red_cell_px == demo_app.SYNTHETIC_RED_CELL_PX
+
+
+# ------------------------------------------------------------------------------ serving
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_served_page_binds_localhost_without_share_and_limits_uploads(page, tmp_path):
+    import httpx
+
+    app, _ = page
+    assert app.server_name == "127.0.0.1" and not app.share
+    assert app.max_file_size == 20 * 1024 * 1024
+    url = app.local_url.rstrip("/")
+    assert httpx.get(url + "/", timeout=10).status_code == 200
+    big = tmp_path / "big.jpg"
+    big.write_bytes(b"\0" * (21 * 1024 * 1024))
+    with big.open("rb") as f:
+        response = httpx.post(url + "/gradio_api/upload", files={"files": ("big.jpg", f)}, timeout=30)
+    assert response.status_code == 413
+
+
+def test_a_taken_port_is_one_clear_error(page, reviewer):
+    taken = int(page[0].local_url.rstrip("/").rsplit(":", 1)[1])
+    with pytest.raises(OSError, match=f"cannot serve on 127.0.0.1:{taken}: the port is taken"):
+        demo_app.serve(demo_app.build_app(reviewer), port=taken)
+
+
+def test_library_import_does_not_load_gradio():
+    code = "import sys, hemcap, hemcap.review, hemcap.cli; sys.exit('gradio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
