@@ -4,12 +4,10 @@ Naive is one ``model.generate`` per image, as in the HF BLIP notebook. The engin
 images in small vision chunks and decodes many at once. Both generate exactly ``--tokens`` new
 tokens (min = max), greedy; the script checks that their token ids are identical and prints
 the ratio. Models have random weights (no download): ``base`` is BLIP-base's architecture at
-384 px, ``small`` is ``configs/blip_small_scratch.yaml``'s. It also times scoring 3,099
-captions (every metric but METEOR).
+384 px, ``small`` is ``configs/blip_small_scratch.yaml``'s. (Scoring speed: eval/bench_scoring.py.)
 
     python eval/bench_captioning.py --size base --images 8
-    python eval/bench_captioning.py --size small --images 128
-    python eval/bench_captioning.py --scoring
+    python eval/bench_captioning.py --size small --images 256 --vision-chunk 16 --decode-chunk 256
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from hemcap.captions import caption_variants, paraphrase, render
+from hemcap.captions import caption_variants
 from hemcap.engine import CaptionEngine, EngineSettings
 from hemcap.synthetic import make_cells
 
@@ -80,26 +78,6 @@ def bench_speed(args) -> None:
     print(f"speed-up: {t_naive / t_engine:.2f}x")
 
 
-def bench_scoring(args) -> None:
-    import csv
-
-    from hemcap.metrics import caption_metrics, faithfulness_metrics
-    from hemcap.captions import parse
-    from hemcap.schema import load_schema
-
-    schema = load_schema("wbcatt")
-    csv_path = Path(args.data_dir) / "wbcatt" / "pbc_attr_v1_test.csv"
-    with csv_path.open(newline="") as handle:
-        rows = [{n: r[schema.fields[n].column] for n in schema.field_names} for r in csv.DictReader(handle)]
-    references = [[render(r)] for r in rows]
-    predictions = [paraphrase(r, seed=i) for i, r in enumerate(rows)]
-    started = time.perf_counter()
-    caption_metrics(predictions, references, meteor=False)
-    faithfulness_metrics([parse(p) for p in predictions], rows, schema)
-    print(f"scoring {len(rows)} captions (BLEU, CIDEr-D, ROUGE-L, HemBLIP BLEU, faithfulness): "
-          f"{time.perf_counter() - started:.2f} s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("base", "small"), default="small")
@@ -107,11 +85,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=30)
     parser.add_argument("--vision-chunk", type=int, default=EngineSettings.vision_chunk)
     parser.add_argument("--decode-chunk", type=int, default=EngineSettings.decode_chunk)
-    parser.add_argument("--scoring", action="store_true", help="time scoring 3,099 captions instead")
-    parser.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     args = parser.parse_args()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    bench_scoring(args) if args.scoring else bench_speed(args)
+    bench_speed(args)
 
 
 if __name__ == "__main__":
