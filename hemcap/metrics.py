@@ -658,22 +658,10 @@ def parser_accuracy(references: Sequence[Sequence[str]], reference_attributes: S
 # ------------------------------------------------------------------------------ everything
 
 
-def score_predictions(
-    path: str | Path,
-    *,
-    baseline_labels: str | Path | Sequence[Mapping] | None = None,
-    reannotations: str | Path | None = None,
-    meteor: bool | None = None,
-    bertscore_model: str | Path | None = None,
-    n_examples: int = 5,
-    seed: int = 0,
-) -> dict:
-    """Every metric from a predictions.jsonl file alone (plus optional baseline and ceiling files)."""
-    records = read_predictions(path)
-    return score_records(
-        records, baseline_labels=baseline_labels, reannotations=reannotations, meteor=meteor,
-        bertscore_model=bertscore_model, n_examples=n_examples, seed=seed, meta={"predictions": str(path)},
-    )
+def score_predictions(path: str | Path, **options) -> dict:
+    """Every metric from a predictions.jsonl file alone; ``options`` as for `score_records`
+    (baseline labels, re-annotations for the human ceiling, METEOR, BERTScore, examples)."""
+    return score_records(read_predictions(path), meta={"predictions": str(path)}, **options)
 
 
 def score_records(
