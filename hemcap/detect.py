@@ -34,6 +34,7 @@ import numpy as np
 from PIL import Image
 
 from hemcap.fileio import staging_dir, write_json
+from hemcap.images import background_colour, square_crop
 
 ImageLike = Union[Image.Image, np.ndarray]
 Box = tuple[float, float, float, float]
@@ -321,19 +322,10 @@ def crop_cells(image: ImageLike, detections: Iterable[Detection], size: int | No
     The default margin frames the cell as the PBC images the captioners learn from do: the cell
     spans ~45% of the crop (PBC: ~140 of 360 px), neighbouring red cells around it.
     """
-    from hemcap.images import square_crop
 
     picture = as_pil_rgb(image)
     fill = background_colour(picture)
     return [square_crop(picture, d.box, margin, size, fill) for d in detections]
-
-
-def background_colour(image: Image.Image) -> tuple[int, int, int]:
-    """The slide background: median colour of the brightest quarter of the pixels."""
-    pixels = np.asarray(_shrink(image, 4), dtype=np.float32).reshape(-1, 3)
-    brightness = pixels.sum(axis=1)
-    bright = pixels[brightness >= np.quantile(brightness, 0.75)]
-    return tuple(int(round(v)) for v in np.median(bright, axis=0))
 
 
 # ------------------------------------------------------------------------------ predictions of other tools

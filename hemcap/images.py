@@ -104,18 +104,29 @@ def _scale_to_8bit(values: np.ndarray) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
+def background_colour(image: Image.Image) -> tuple[int, int, int]:
+    """The slide background: median colour of the brightest quarter of the pixels (cells and red
+    cells are darker, so a plain median lands on them when they fill the field)."""
+    factor = min(4, image.width, image.height)
+    small = image.reduce(factor) if factor > 1 else image
+    pixels = np.asarray(small.convert("RGB"), dtype=np.float32).reshape(-1, 3)
+    brightness = pixels.sum(axis=1)
+    bright = pixels[brightness >= np.quantile(brightness, 0.75)]
+    return tuple(int(round(v)) for v in np.median(bright, axis=0))
+
+
 def square_crop(image: Image.Image, box, margin: float = 0.25, size: int | None = None,
                 fill: tuple[int, int, int] | None = None) -> Image.Image:
     """A square RGB crop centred on ``box`` = (x0, y0, x1, y1), ``margin`` of the box's longer side
     added on each side, resized to ``size`` x ``size`` when given. Parts outside the image are
-    filled with ``fill`` (default: the image's median colour, the slide background on a smear)."""
+    filled with ``fill`` (default: `background_colour`)."""
     x0, y0, x1, y1 = (float(v) for v in box)
     side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * margin)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
     extent = max(1, int(round(side)))
     if fill is None:
-        fill = tuple(int(v) for v in np.median(np.asarray(image.reduce(8)).reshape(-1, 3), axis=0))
+        fill = background_colour(image)
     canvas = Image.new("RGB", (extent, extent), tuple(fill))
     inside = (max(0, left), max(0, top), min(image.width, left + extent), min(image.height, top + extent))
     if inside[0] < inside[2] and inside[1] < inside[3]:

@@ -44,8 +44,9 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from hemcap.detect import Detection, Detector, StainDetector, as_pil_rgb, background_colour, crop_cells
+from hemcap.detect import Detection, Detector, StainDetector, as_pil_rgb, crop_cells
 from hemcap.fileio import save_image, write_json
+from hemcap.images import square_crop
 
 log = logging.getLogger(__name__)
 
@@ -184,9 +185,8 @@ class SmearPipeline:
     def run_cell(self, image: Image.Image, name: str = "", notes: list[str] | None = None) -> SmearReport:
         """The whole image as one cell (padded to a square with the slide background, then resized)."""
         image, notes = self._prepare(image, notes)
-        from hemcap.images import square_crop
 
-        crop = square_crop(image, (0, 0, image.width, image.height), 0.0, self.crop_size, background_colour(image))
+        crop = square_crop(image, (0, 0, image.width, image.height), 0.0, self.crop_size)
         (caption,) = self.engine.caption([crop])
         return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell")
 

@@ -185,17 +185,18 @@ def _records_from_coco_image(path, images_dir, image_entry, anns, categories, sc
         return [_failed_record(f"{where} #{n}: image_id {a.get('image_id')!r} is not in images[]", a, split) for n, a in anns]
     file_name = image_entry.get("file_name", "")
     smear_split = split or hash_split(file_name)  # whole smears go to one split: no leakage
-    from hemcap.images import ImageError, load_rgb, square_crop
+    from hemcap.images import ImageError, background_colour, load_rgb, square_crop
 
     try:
         smear = load_rgb(images_dir / file_name)
     except ImageError as error:
         return [_failed_record(f"{where} #{n}: {error.reason}", a, smear_split) for n, a in anns]
+    background = background_colour(smear)  # once per smear: it pads every crop at the border
     records = []
     for number, ann in anns:
         attributes, problems = _coco_attributes(ann, image_entry, categories, schema, f"{where} #{number}")
         x, y, w, h = (float(v) for v in ann.get("bbox", [0, 0, 0, 0]))
-        crop = square_crop(smear, (x, y, x + w, y + h), margin, crop_size)
+        crop = square_crop(smear, (x, y, x + w, y + h), margin, crop_size, background)
         rid = f"{Path(file_name).stem}-{ann.get('id', number)}"
         records.append(CellRecord(rid, smear_split, attributes, f"{where} #{number}", image=crop,
                                   source="leukemiaattri", problems=problems))

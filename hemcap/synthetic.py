@@ -28,30 +28,17 @@ from PIL import Image
 from scipy.ndimage import distance_transform_edt, gaussian_filter, zoom
 
 from hemcap.fileio import staging_dir
+from hemcap.schema import load_schema
 
-# Must match data_recipes/wbcatt.yaml (a schema test checks it): names and value strings
-# exactly as WBCAtt spells them. cell_type is WBCAtt's `label` column.
-ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
-    "cell_type": ("Neutrophil", "Eosinophil", "Basophil", "Lymphocyte", "Monocyte"),
-    "cell_size": ("big", "small"),
-    "cell_shape": ("round", "irregular"),
-    "nucleus_shape": (
-        "unsegmented-band",
-        "unsegmented-round",
-        "unsegmented-indented",
-        "segmented-bilobed",
-        "segmented-multilobed",
-        "irregular",
-    ),
-    "nuclear_cytoplasmic_ratio": ("high", "low"),
-    "chromatin_density": ("densely", "loosely"),
-    "cytoplasm_vacuole": ("yes", "no"),
-    "cytoplasm_texture": ("clear", "frosted"),
-    "cytoplasm_colour": ("light blue", "blue", "purple blue"),
-    "granule_type": ("small", "round", "coarse", "nil"),
-    "granule_colour": ("pink", "red", "purple", "nil"),
-    "granularity": ("yes", "no"),
-}
+
+
+def _wbcatt_values() -> dict[str, tuple[str, ...]]:
+    """Field -> values, cell type first, read from data_recipes/wbcatt.yaml (the one vocabulary)."""
+    schema = load_schema("wbcatt")
+    return {name: schema.values(name) for name in (schema.cell_type_field, *schema.attribute_names)}
+
+
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = _wbcatt_values()
 CELL_TYPES: tuple[str, ...] = ATTRIBUTE_VALUES["cell_type"]
 
 # ---------------------------------------------------------------------------------------
