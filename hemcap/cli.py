@@ -167,7 +167,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java; about 25 s per 3,000 captions)")
     ev.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding (default)")
     ev.add_argument("--max-new-tokens", type=int, default=60)
-    ev.add_argument("--batch", type=int, default=64, help="images decoded together")
+    ev.add_argument("--batch", type=int, help="images decoded together (default: the engine's, 128)")
     ev.add_argument("--tta-views", type=int, default=1, choices=(1, 2, 4, 8),
                     help="caption rotated/flipped views and vote each attribute (default 1: off)")
     ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
@@ -184,14 +184,19 @@ def _run_eval(args) -> int:
         model_dir=Path(args.model), data_dir=Path(args.data), out_dir=Path(args.out), split=args.split,
         limit=args.limit, reannotations=Path(args.reannotations) if args.reannotations else None,
         meteor=False if args.no_meteor else None, overwrite=args.overwrite)
-    settings = EngineSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, decode_chunk=args.batch,
-                              tta_views=args.tta_views)
+    settings = EngineSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, tta_views=args.tta_views,
+                              **_decode_chunk(args))
     metrics = evaluate(options, settings)
     faith = metrics["faithfulness"]
     print(f"{metrics['n']} captions; mean attribute accuracy {faith['attribute_mean']['accuracy']:.1%}, "
           f"cell type {faith['fields']['cell_type']['accuracy']:.1%}, CIDEr-D {metrics['caption']['cider_d']:.3f}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _decode_chunk(args) -> dict:
+    """``--batch`` as an engine setting, when given."""
+    return {"decode_chunk": args.batch} if args.batch else {}
 
 
 @subcommand
@@ -361,7 +366,7 @@ def _add_caption(sub) -> None:
     kind.add_argument("--cell", dest="kind", action="store_const", const="cell",
                       help="every image is one cell crop: caption the whole image")
     caption.set_defaults(kind="auto")
-    caption.add_argument("--batch", type=int, default=64, help="crops decoded together by the captioner")
+    caption.add_argument("--batch", type=int, help="crops decoded together by the captioner (default: the engine's, 128)")
     caption.add_argument("--max-new-tokens", type=int, default=60, help="longest caption in tokens")
     caption.add_argument("--min-confidence", type=float, default=0.5,
                          help="flag attributes stated with a lower token probability")
@@ -382,7 +387,7 @@ def _run_caption(args) -> int:
     from hemcap.engine import CaptionEngine
     from hemcap.pipeline import SmearPipeline, process_images, process_state, summary_lines
 
-    engine = CaptionEngine.from_dir(args.model, decode_chunk=args.batch, max_new_tokens=args.max_new_tokens)
+    engine = CaptionEngine.from_dir(args.model, max_new_tokens=args.max_new_tokens, **_decode_chunk(args))
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)
     pipeline = SmearPipeline(engine, detector, crop_size=args.crop_size or None, margin=args.margin,
                              min_confidence=args.min_confidence)

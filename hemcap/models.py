@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import shutil
 from pathlib import Path
@@ -184,28 +185,47 @@ class BlipBackend(Backend):
         ids = self.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens, num_beams=num_beams)
         return [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
 
-    def encode_images(self, pixel_values, chunk: int):
+    def vision_chunk(self) -> int:
+        """Images per vision-tower call: on a CPU, as many as keep one layer's activations within 4 MiB.
+
+        That gives 2 at BLIP-base (577 tokens x 768, 1.8 MiB per image; batches of 8 ran 30 %
+        slower per image) and 32 at the small 128 px model (65 x 256), as fast as 16 there
+        (eval/bench_captioning.py). On a GPU, one large batch.
+        """
+        vision = self.model.config.vision_config
+        if _device(self.model).type != "cpu":
+            return 64
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        per_image = tokens * vision.hidden_size * 4
+        return max(1, min(64, 2 ** int(math.log2(max(1, (4 << 20) // per_image)))))
+
+    def encode_images(self, pixel_values, chunk: int | None = None):
         """Vision features, ``chunk`` images per vision-tower call (the engine's fast path)."""
         import torch
 
-        device = _device(self.model)
-        vision = self.model.vision_model
-        parts = [vision(pixel_values=pixel_values[i : i + chunk].to(device))[0]
-                 for i in range(0, len(pixel_values), chunk)]
+        from hemcap.attention import fast_attention
+
+        device, chunk = _device(self.model), chunk or self.vision_chunk()
+        with fast_attention(self.model):
+            parts = [self.model.vision_model(pixel_values=pixel_values[i : i + chunk].to(device))[0]
+                     for i in range(0, len(pixel_values), chunk)]
         return torch.cat(parts)
 
     def decode(self, image_embeds, max_new_tokens: int, num_beams: int = 1, min_new_tokens: int = 0):
         """(new token ids, their log-probabilities) for encoded images, decoded as BLIP's generate does."""
         import torch
 
+        from hemcap.attention import fast_attention
+
         text = self.model.config.text_config
         bos = torch.full((len(image_embeds), 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
         image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
-        out = self.model.text_decoder.generate(
-            input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
-            encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
-            max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
-            output_scores=True, return_dict_in_generate=True)
+        with fast_attention(self.model):
+            out = self.model.text_decoder.generate(
+                input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
+                encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
+                output_scores=True, return_dict_in_generate=True)
         return out.sequences[:, 1:], _token_logprobs(self.model.text_decoder, out, num_beams)
 
 

@@ -92,3 +92,12 @@ def test_tta_votes_per_attribute(tiny_blip_dir, cells):
         assert set(caption.attributes) == set(engine.schema.field_names)
         stated = [n for n, v in caption.attributes.items() if v is not None]
         assert all(0.0 <= caption.confidences[n] <= 1.0 for n in stated)
+
+
+def test_fast_decoding_matches_the_tokenizer(tiny_blip_dir):
+    engine = CaptionEngine.from_dir(tiny_blip_dir)
+    tokenizer = engine.backend.tokenizer
+    ids = tokenizer(["Neutrophil, large and round, with a segmented nucleus.", "Band: low N:C ratio"],
+                    add_special_tokens=False)["input_ids"]
+    sequences = [row[: k + 1] for row in ids for k in range(len(row))] + [[tokenizer.sep_token_id, *ids[0]]]
+    assert engine._decode_all(sequences) == tokenizer.batch_decode(sequences, skip_special_tokens=True)
