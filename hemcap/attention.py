@@ -59,7 +59,7 @@ def _cross_from_features(self, hidden_states, attention_mask=None, encoder_hidde
     key_weight = self.key.weight.view(heads, head_dim, -1)
     folded = torch.einsum("bnhd,hde->bnhe", query, key_weight).reshape(batch, steps * heads, -1)
     scores = torch.bmm(folded / math.sqrt(head_dim), encoder_hidden_states.transpose(1, 2))
-    if encoder_attention_mask is not None:  # BLIP passes it additive, (batch, 1, 1, image tokens)
+    if encoder_attention_mask is not None:  # read as eager reads it (additive); BLIP's layers pass None here
         scores = scores + encoder_attention_mask.reshape(batch, 1, -1).to(scores.dtype)
     mixed = torch.bmm(scores.softmax(-1), encoder_hidden_states).view(batch, steps, heads, -1)
     value_weight = self.value.weight.view(heads, head_dim, -1)
