@@ -187,11 +187,18 @@ def _run_eval(args) -> int:
     settings = EngineSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, tta_views=args.tta_views,
                               **_decode_chunk(args))
     metrics = evaluate(options, settings)
-    faith = metrics["faithfulness"]
-    print(f"{metrics['n']} captions; mean attribute accuracy {faith['attribute_mean']['accuracy']:.1%}, "
-          f"cell type {faith['fields']['cell_type']['accuracy']:.1%}, CIDEr-D {metrics['caption']['cider_d']:.3f}")
+    print(f"{metrics['n']} captions; {_headline(metrics)}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _headline(metrics: dict) -> str:
+    """Mean attribute accuracy, the first target's accuracy, CIDEr-D and BLEU-4, in one line."""
+    faith, caption = metrics["faithfulness"], metrics["caption"]
+    target = faith["targets"][0]
+    return (f"mean attribute accuracy {faith['attribute_mean']['accuracy']:.1%}, "
+            f"{target.replace('_', ' ')} {faith['fields'][target]['accuracy']:.1%}, "
+            f"CIDEr-D {caption['cider_d']:.3f}, BLEU-4 {caption['bleu_4']:.3f}")
 
 
 def _decode_chunk(args) -> dict:
@@ -230,10 +237,7 @@ def _run_score(args) -> int:
         n_examples=args.examples, seed=args.seed,
     )
     out = write_report(metrics, args.out or Path(args.predictions).parent, plots=not args.no_plots)
-    faith, caption = metrics["faithfulness"], metrics["caption"]
-    print(f"mean attribute accuracy {100 * faith['attribute_mean']['accuracy']:.1f}%, "
-          f"cell type {100 * faith['fields'][faith['targets'][0]]['accuracy']:.1f}%, "
-          f"CIDEr-D {caption['cider_d']:.3f}, BLEU-4 {caption['bleu_4']:.3f}")
+    print(_headline(metrics))
     print(f"wrote {out / 'report.md'}")
     return 0
 

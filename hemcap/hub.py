@@ -204,9 +204,9 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 
 def stage_upload(model_dir: str | Path, staging: str | Path, repo_id: str, license: str | None = None) -> Path:
     """Write into ``staging`` exactly what ``push`` uploads: the model dir's files plus README.md (the card)."""
-    model_dir, staging = Path(model_dir), Path(staging)
-    if not (model_dir / "config.json").is_file() and not (model_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{model_dir} holds no model (no config.json or adapter_config.json)")
+    from hemcap.models import check_model_dir
+
+    model_dir, staging = check_model_dir(model_dir), Path(staging)
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".*", "__pycache__"))

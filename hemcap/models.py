@@ -32,6 +32,7 @@ from hemcap.config import LoraConfig, ModelConfig
 log = logging.getLogger(__name__)
 
 MODEL_INFO_FILE = "hemcap_model.json"  # backend kind and prompts, beside the weights
+MODEL_FILES = ("config.json", "adapter_config.json")  # a saved model dir holds one of these
 BASE_MODEL_DIR = "base_model"  # a scratch base saved inside its LoRA adapter's dir
 IGNORE_INDEX = -100  # label value the loss skips
 
@@ -596,9 +597,7 @@ def _linear_layer_names(model, limit: int = 60) -> str:
 
 def load_trained(path: str | Path, dtype=None, quantize: str | None = None, is_trainable: bool = False) -> Backend:
     """A backend from a dir written by ``Backend.save``: a full model, or an adapter on its base."""
-    path = Path(path)
-    if not (path / "config.json").is_file() and not (path / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{path} holds no model (no config.json or adapter_config.json)")
+    path = check_model_dir(path)
     info = _read_json(path / MODEL_INFO_FILE) if (path / MODEL_INFO_FILE).is_file() else {}
     adapter = (path / "adapter_config.json").is_file()
     base = _adapter_base(path) if adapter else path
@@ -611,6 +610,18 @@ def load_trained(path: str | Path, dtype=None, quantize: str | None = None, is_t
     processor = _load_processor(path)
     settings = {k: info[k] for k in ("prompt", "system_prompt", "max_length") if k in info}
     return BACKENDS[kind](model, processor, {**_settings(ModelConfig()), **settings})
+
+
+def is_model_dir(path: str | Path) -> bool:
+    """Whether ``path`` holds a saved model or LoRA adapter."""
+    return any((Path(path) / name).is_file() for name in MODEL_FILES)
+
+
+def check_model_dir(path: str | Path) -> Path:
+    """``path``, or FileNotFoundError naming the files a model dir needs."""
+    if not is_model_dir(path):
+        raise FileNotFoundError(f"{path} holds no model (no {' or '.join(MODEL_FILES)})")
+    return Path(path)
 
 
 def _adapter_base(path: Path) -> str | Path:

@@ -22,7 +22,6 @@ LOW = "low"  # marks: confidence below the pipeline's min_confidence ...
 CONTRADICTION = "contradiction"  # ... the caption states two values of one field
 MISSING = "missing"  # ... the caption does not state it
 MARK_SIGNS = {LOW: "⚠", CONTRADICTION: "✗"}  # prefixed to the text, so the marks survive without colour
-MODEL_FILES = ("config.json", "adapter_config.json")  # a model dir holds one of these (models.load_trained)
 
 
 # ------------------------------------------------------------------------------ tables
@@ -161,21 +160,17 @@ def safe_stem(name: str, default: str = "image") -> str:
 def write_downloads(report, schema, out_dir: str | Path, model: str = "") -> dict[str, Path]:
     """``<stem>_hemcap.json`` (the report, the model's name and the research-use note) and
     ``<stem>_hemcap.csv`` in ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from hemcap.fileio import write_text
+
     stem = safe_stem(report.image)
-    paths = {"json": out_dir / f"{stem}_hemcap.json", "csv": out_dir / f"{stem}_hemcap.csv"}
+    paths = {"json": Path(out_dir) / f"{stem}_hemcap.json", "csv": Path(out_dir) / f"{stem}_hemcap.csv"}
     document = {**report.to_dict(), "model": model, "note": RESEARCH_NOTE}
-    paths["json"].write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    paths["csv"].write_text(report_csv(report, schema), encoding="utf-8")
+    write_text(paths["json"], json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    write_text(paths["csv"], report_csv(report, schema))
     return paths
 
 
 # ------------------------------------------------------------------------------ the model
-
-
-def is_model_dir(path: str | Path) -> bool:
-    return any((Path(path) / name).is_file() for name in MODEL_FILES)
 
 
 def resolve_model_dir(model: str | Path | None, runs_dir: str | Path = "runs") -> tuple[Path, str]:
@@ -188,6 +183,8 @@ def resolve_model_dir(model: str | Path | None, runs_dir: str | Path = "runs") -
             raise FileNotFoundError(f"no --model given and no quickstart model under {runs_dir}/; "
                                     "run `hemcap quickstart` first or pass --model DIR")
         return found, f"no --model given: using the newest quickstart model, {found}"
+    from hemcap.models import MODEL_FILES, is_model_dir
+
     path = Path(model)
     if not path.is_dir():
         raise FileNotFoundError(f"model dir {path} does not exist (pass the `model` folder a training run wrote)")
