@@ -301,20 +301,20 @@ def run_review(reviewer: Reviewer, file: str | None, kind: str, red_cell_px: flo
 # ------------------------------------------------------------------------------ start
 
 
-def load_reviewer(model_dir: str | Path, workdir: str | Path) -> Reviewer:
+def load_reviewer(model_dir: str | Path, workdir: str | Path, device: str | None = None) -> Reviewer:
     from hemcap.engine import CaptionEngine
 
-    reviewer = Reviewer(CaptionEngine.from_dir(model_dir), review.summarize_model(model_dir), workdir)
+    reviewer = Reviewer(CaptionEngine.from_dir(model_dir, device=device), review.summarize_model(model_dir), workdir)
     reviewer.warm_up()
     return reviewer
 
 
 def launch(model_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           block: bool = True) -> gr.Blocks:
+           block: bool = True, device: str | None = None) -> gr.Blocks:
     """Load the model once and serve the page; with ``block``, until Ctrl+C."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
     workdir = tempfile.TemporaryDirectory(prefix="hemcap-demo-")
-    app = build_app(load_reviewer(model_dir, workdir.name))
+    app = build_app(load_reviewer(model_dir, workdir.name, device))
     app.workdir = workdir  # the downloads' folder lives as long as the app
     serve(app, host, port, share)
     print(f"hemcap demo: open {app.local_url}" + (f" or {app.share_url}" if app.share_url else "")

@@ -170,6 +170,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--batch", type=int, help="images decoded together (default: the engine's, 128)")
     ev.add_argument("--tta-views", type=int, default=1, choices=(1, 2, 4, 8),
                     help="caption rotated/flipped views and vote each attribute (default 1: off)")
+    _add_device(ev)
     ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ev.set_defaults(run=_run_eval)
 
@@ -185,7 +186,7 @@ def _run_eval(args) -> int:
         limit=args.limit, reannotations=Path(args.reannotations) if args.reannotations else None,
         meteor=False if args.no_meteor else None, overwrite=args.overwrite)
     settings = EngineSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, tta_views=args.tta_views,
-                              **_decode_chunk(args))
+                              **_engine_options(args))
     metrics = evaluate(options, settings)
     print(f"{metrics['n']} captions; {_headline(metrics)}")
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -201,9 +202,14 @@ def _headline(metrics: dict) -> str:
             f"CIDEr-D {caption['cider_d']:.3f}, BLEU-4 {caption['bleu_4']:.3f}")
 
 
-def _decode_chunk(args) -> dict:
-    """``--batch`` as an engine setting, when given."""
-    return {"decode_chunk": args.batch} if args.batch else {}
+def _add_device(parser) -> None:
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if there is one, else the CPU)")
+
+
+def _engine_options(args) -> dict:
+    """``--batch`` and ``--device`` as engine settings, where given."""
+    options = {"decode_chunk": args.batch, "device": args.device}
+    return {name: value for name, value in options.items() if value}
 
 
 @subcommand
@@ -382,6 +388,7 @@ def _add_caption(sub) -> None:
     caption.add_argument("--coco-json", help="take boxes from this COCO predictions file instead")
     caption.add_argument("--crops", action="store_true", help="also save each cell's crop under <image>_crops/")
     caption.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default 40,000,000)")
+    _add_device(caption)
     caption.add_argument("--overwrite", action="store_true", help="redo images whose reports exist")
     caption.set_defaults(run=_run_caption)
 
@@ -391,7 +398,7 @@ def _run_caption(args) -> int:
     from hemcap.engine import CaptionEngine
     from hemcap.pipeline import SmearPipeline, process_images, process_state, summary_lines
 
-    engine = CaptionEngine.from_dir(args.model, max_new_tokens=args.max_new_tokens, **_decode_chunk(args))
+    engine = CaptionEngine.from_dir(args.model, max_new_tokens=args.max_new_tokens, **_engine_options(args))
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)
     pipeline = SmearPipeline(engine, detector, crop_size=args.crop_size or None, margin=args.margin,
                              min_confidence=args.min_confidence)
@@ -412,6 +419,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    _add_device(demo)
     demo.set_defaults(run=_run_demo)
 
 
@@ -422,7 +430,7 @@ def _run_demo(args) -> int:
     print(origin, flush=True)
     app = _import_demo_app()
     try:
-        app.launch(model_dir, host=args.host, port=args.port, share=args.share)
+        app.launch(model_dir, host=args.host, port=args.port, share=args.share, device=args.device)
     except OSError as error:
         raise UserError(str(error)) from error
     return 0

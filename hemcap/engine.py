@@ -51,6 +51,7 @@ class EngineSettings:
     vision_chunk: int | None = None  # images per vision-tower call; None: the backend's choice (small on a CPU)
     decode_chunk: int = 128  # encoded images decoded together; decoding is memory-bound at batch 1
     tta_views: int = 1  # 1, 2, 4 or 8 rotations/flips captioned per image, attributes voted (cells have no orientation)
+    device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: the first GPU if there is one, else the CPU
 
     def __post_init__(self):
         problems = [f"{name} must be >= 1 (got {getattr(self, name)})"
@@ -58,8 +59,30 @@ class EngineSettings:
                     if getattr(self, name) is not None and getattr(self, name) < 1]
         if self.tta_views not in (1, 2, 4, 8):
             problems.append(f"tta_views must be 1, 2, 4 or 8 (got {self.tta_views})")
+        problems += _device_problems(self.device)
         if problems:
             raise ValueError("; ".join(problems))
+
+
+def _device_problems(device: str | None) -> list[str]:
+    import torch
+
+    if device is None:
+        return []
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        return [f"device {device!r} is not a torch device (try cpu or cuda)"]
+    if kind == "cuda" and not torch.cuda.is_available():
+        return [f"device {device!r} asks for CUDA, which this machine does not have"]
+    return []
+
+
+def engine_device(device: str | None = None):
+    """``device``, or the first CUDA GPU when there is one, else the CPU."""
+    import torch
+
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 def trained_schema(model_dir: str | Path) -> str:
@@ -94,6 +117,8 @@ class CaptionEngine:
         self.settings = settings or EngineSettings()
         self.parser = compiled_parser(self.schema)
         backend.model.eval()
+        if not getattr(backend.model, "hf_device_map", None):  # models placed by accelerate stay where they are
+            backend.model.to(engine_device(self.settings.device))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, schema: str | Schema | None = None, **settings) -> "CaptionEngine":

@@ -491,11 +491,13 @@ def _list_images(paths: Iterable[str | Path]):
 
 
 def _to_device(engine, device) -> None:
-    """Move a CPU-loaded captioner to this process's accelerator (each process has its own GPU)."""
+    """Move the captioner to this process's accelerator (each process has its own GPU), unless
+    the engine was given a device of its own."""
     model = getattr(getattr(engine, "backend", None), "model", None)
-    if model is None or device.type == "cpu":
+    settings = getattr(engine, "settings", None)
+    if model is None or device.type == "cpu" or getattr(settings, "device", None):
         return
-    if next(model.parameters()).device.type == "cpu":
+    if next(model.parameters()).device != device:
         model.to(device)
 
 

@@ -168,8 +168,10 @@ _CYTOPLASM_OD = {  # pale blue (hue ~225), mid blue (hue ~222), violet blue (hue
     "blue": _od([152, 170, 224]),
     "purple blue": _od([160, 130, 205]),
 }
-_FROST_OD = np.array([0.20, 0.22, 0.15], np.float32).reshape(3, 1, 1)  # grey-violet specks
-_NUCLEUS_OD = {"densely": _od([78, 30, 128]), "loosely": _od([140, 98, 182])}
+_FROST_OD = np.array([0.26, 0.28, 0.19], np.float32).reshape(3, 1, 1)  # grey-violet specks
+# Loose chromatin is paler than dense but stays a clear step darker than the darkest
+# (purple-blue) cytoplasm: at [140, 98, 182] a loose nucleus all but vanished in it at 96 px.
+_NUCLEUS_OD = {"densely": _od([78, 30, 128]), "loosely": _od([118, 70, 166])}
 _GRANULE_OD = {
     "pink": _od([222, 118, 168]),
     "red": _od([214, 86, 58]),  # eosinophil orange-red
@@ -439,7 +441,8 @@ def _cytoplasm(geo: _Geometry, nucleus: np.ndarray, texture: str, rng):
     if texture == "clear":
         body = 1.0 + 0.05 * _noise(rng, geo.cell.shape, 0.25 * geo.radius_px)
         return area * (body + membrane), np.zeros_like(area)
-    grain = _noise(rng, geo.cell.shape, max(0.7, 0.022 * geo.radius_px))
+    # specks ~1-1.3 px at 96 px: finer ones were lost in the blur and sensor noise there
+    grain = _noise(rng, geo.cell.shape, max(0.9, 0.035 * geo.radius_px))
     specks = np.clip(grain - 0.3, 0.0, None)  # ~40% of pixels carry a speck
     return area * (1.05 + 0.15 * grain + membrane), area * specks
 
@@ -449,7 +452,8 @@ def _cytoplasm(geo: _Geometry, nucleus: np.ndarray, texture: str, rng):
 _GRANULE_SPECS = {
     "small": dict(size=0.022, coverage=0.45, lumps=1, on_nucleus=0.1, strength=0.85),
     "round": dict(size=0.055, coverage=1.1, lumps=1, on_nucleus=0.05, strength=1.0),
-    "coarse": dict(size=0.085, coverage=0.45, lumps=3, on_nucleus=0.12, strength=1.15),
+    # basophil granules are the nucleus's colour: few over it, or its shape is unreadable
+    "coarse": dict(size=0.085, coverage=0.45, lumps=3, on_nucleus=0.03, strength=1.15),
 }
 
 

@@ -14,7 +14,8 @@ def cells():
 def naive_ids(engine, image, max_new_tokens):
     """One `model.generate` per image, as in the HF BLIP notebook."""
     backend = engine.backend
-    ids = backend.model.generate(pixel_values=backend.pixel_values([{"image": image}]), max_new_tokens=max_new_tokens)
+    pixel_values = backend.pixel_values([{"image": image}]).to(backend.model.device)  # the engine may have put it on a GPU
+    ids = backend.model.generate(pixel_values=pixel_values, max_new_tokens=max_new_tokens)
     ids = ids[0, 1:].tolist()  # drop the start token
     stop = {backend.tokenizer.sep_token_id, backend.tokenizer.pad_token_id}
     return ids[: next((i for i, t in enumerate(ids) if t in stop), len(ids))]
@@ -65,6 +66,18 @@ def test_beam_search_and_empty_input(tiny_blip_dir, cells):
 def test_settings_are_checked():
     with pytest.raises(ValueError, match="vision_chunk must be >= 1"):
         EngineSettings(vision_chunk=0)
+
+
+def test_device_is_checked_and_used(tiny_blip_dir):
+    with pytest.raises(ValueError, match="'gpu0' is not a torch device"):
+        EngineSettings(device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="asks for CUDA, which this machine does not have"):
+            EngineSettings(device="cuda")
+    engine = CaptionEngine.from_dir(tiny_blip_dir, device="cpu")
+    assert engine.backend.model.device.type == "cpu"
+    auto = CaptionEngine.from_dir(tiny_blip_dir)
+    assert auto.backend.model.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_model_dir_without_a_model(tmp_path):

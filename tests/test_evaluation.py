@@ -59,4 +59,6 @@ def test_eval_bad_inputs(tiny_blip_dir, tmp_path, capsys):
     code = main(["eval", "--model", str(no_processor), "--data", str(data), "--out", str(tmp_path / "r")])
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err and str(no_processor) in err
+    code = main(["eval", "--model", str(tiny_blip_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--device", "gpu0"])
+    assert code == 2 and "device 'gpu0' is not a torch device" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
