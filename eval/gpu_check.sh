@@ -35,6 +35,7 @@ train_and_eval shipped &
 train_and_eval lr_half --set train.lr=1.0e-3 &
 train_and_eval no_augment --set augment.rotate90=false --set augment.flip=false &
 train_and_eval steps_6000 --set train.max_steps=6000 &
+train_and_eval vision_6_layers --set model.vision_config.num_hidden_layers=6 &
 
 say tests
 timeout 300 python3 -m pytest -q -x -p no:cacheprovider tests/test_train.py > "$OUT_DIR/tests.txt" 2>&1

@@ -12,6 +12,7 @@ This module imports no torch, so ``hemcap --help`` stays fast.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import types
 import typing
@@ -426,23 +427,33 @@ def _flag_overrides(flags: dict) -> list[tuple[str, Any]]:
 
 
 def apply_overrides(raw: dict, overrides: list) -> dict:
-    """A copy of ``raw`` with each ``"section.key=value"`` (or ``(key, value)`` pair) applied."""
-    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    """A copy of ``raw`` with each ``"section.key=value"`` (or ``(key, value)`` pair) applied.
+
+    A key may go on inside a mapping field: ``model.vision_config.num_hidden_layers=6``.
+    """
+    raw = copy.deepcopy(raw)
     problems = []
     for item in overrides:
         key, value = item if isinstance(item, tuple) else _split_override(item, problems)
         if key is None:
             continue
-        section, _, name = key.partition(".")
-        if section not in SECTIONS or name not in {f.name for f in dataclasses.fields(SECTIONS[section])}:
+        path = key.split(".")
+        if path[0] not in SECTIONS or len(path) < 2 or path[1] not in {f.name for f in dataclasses.fields(SECTIONS[path[0]])}:
             problems.append(f"--set {key}: unknown key (keys look like train.lr or model.name_or_path)")
             continue
-        if not isinstance(raw.get(section), dict):
-            raw[section] = {}
-        raw[section][name] = value
+        _set_path(raw, path, value)
     if problems:
         raise ConfigError("bad overrides:\n  - " + "\n  - ".join(problems))
     return raw
+
+
+def _set_path(mapping: dict, path: list[str], value) -> None:
+    """``mapping[path[0]]...[path[-1]] = value``, making a mapping of each level that is not one."""
+    for part in path[:-1]:
+        if not isinstance(mapping.get(part), dict):
+            mapping[part] = {}
+        mapping = mapping[part]
+    mapping[path[-1]] = value
 
 
 def _split_override(item: str, problems: list[str]):

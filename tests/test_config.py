@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from hemcap.config import PRECISIONS, ConfigError, RunConfig, add_train_arguments, config_from_args, load_config
 
@@ -76,6 +77,16 @@ def test_model_flag_means_a_pretrained_model_and_set_has_the_last_word(tmp_path)
                               "--set", "model.backend=blip"])
     cfg = config_from_args(args)
     assert (cfg.model.name_or_path, cfg.model.init, cfg.model.backend) == ("some/model", "pretrained", "blip")
+
+
+def test_overrides_reach_inside_mapping_fields():
+    path = CONFIGS[0].parent / "quickstart.yaml"
+    raw = yaml.safe_load(path.read_text())
+    cfg = load_config(path, ["model.vision_config.num_hidden_layers=6", "model.text_config.hidden_size=64"])
+    assert cfg.model.vision_config == {**raw["model"]["vision_config"], "num_hidden_layers": 6}
+    assert cfg.model.text_config["hidden_size"] == 64
+    assert load_config(path).model.vision_config["num_hidden_layers"] == 4  # the YAML is untouched
+    assert load_config(None, ["model.vision_config.image_size=32"]).model.vision_config == {"image_size": 32}
 
 
 def test_bad_overrides_name_the_key(tmp_path):
