@@ -7,7 +7,7 @@
 #      held-out synthetic cells: 5x the quickstart's test split, so the noise is ~0.2 points;
 #   4. eval/bench_lora_memory.py --device cuda and eval/bench_captioning.py on BLIP-base.
 # Its first form (six variants) took 6.3 minutes on one H100 (2026-11-27, BENCHMARKS.md).
-#   bash eval/gpu_check.sh [OUT_DIR]     # logs and reports land in OUT_DIR (default gpu_check/)
+#   bash eval/gpu_check.sh [OUT_DIR]     # from the repository root; logs and reports land in OUT_DIR (default gpu_check/)
 set -u
 OUT_DIR=${1:-gpu_check}
 WORK=$(mktemp -d)
