@@ -42,12 +42,11 @@ def build_model(size: str, out: Path) -> Path:
 
 def naive(engine: CaptionEngine, images, tokens: int) -> tuple[float, list[list[int]]]:
     backend = engine.backend
-    device = next(backend.model.parameters()).device
     started = time.perf_counter()
     out = []
     with torch.inference_mode():
         for image in images:
-            ids = backend.model.generate(pixel_values=backend.pixel_values([{"image": image}]).to(device),
+            ids = backend.model.generate(pixel_values=backend.pixel_values([{"image": image}]).to(backend.model.device),
                                          max_new_tokens=tokens, min_new_tokens=tokens)
             out.append(ids[0, 1:].tolist())
     return time.perf_counter() - started, out

@@ -209,7 +209,7 @@ def _add_device(parser) -> None:
 def _engine_options(args) -> dict:
     """``--batch`` and ``--device`` as engine settings, where given."""
     options = {"decode_chunk": args.batch, "device": args.device}
-    return {name: value for name, value in options.items() if value}
+    return {name: value for name, value in options.items() if value is not None}  # --batch 0 meets the engine's check
 
 
 @subcommand

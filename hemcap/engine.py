@@ -65,10 +65,10 @@ class EngineSettings:
 
 
 def _device_problems(device: str | None) -> list[str]:
-    import torch
-
     if device is None:
         return []
+    import torch
+
     try:
         kind = torch.device(device).type
     except (RuntimeError, TypeError):

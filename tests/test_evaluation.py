@@ -61,4 +61,6 @@ def test_eval_bad_inputs(tiny_blip_dir, tmp_path, capsys):
     assert code == 2 and "Traceback" not in err and str(no_processor) in err
     code = main(["eval", "--model", str(tiny_blip_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--device", "gpu0"])
     assert code == 2 and "device 'gpu0' is not a torch device" in capsys.readouterr().err
+    code = main(["eval", "--model", str(tiny_blip_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--batch", "0"])
+    assert code == 2 and "decode_chunk must be >= 1 (got 0)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
