@@ -37,11 +37,12 @@ def measure(mode: str, device: str, steps: int, batch: int, image_size: int, cap
     from transformers import BlipConfig, BlipForConditionalGeneration
 
     from hemcap.config import LoraConfig
-    from hemcap.models import BlipBackend, add_lora, count_parameters
+    from hemcap.models import ModelInfo, add_lora, count_parameters
+    from hemcap.models.blip import BlipBackend
 
     torch.manual_seed(0)
     config = BlipConfig(vision_config={"image_size": image_size, "initializer_range": 0.02})  # BLIP-base sizes
-    backend = BlipBackend(BlipForConditionalGeneration(config), processor=None, settings={})
+    backend = BlipBackend(BlipForConditionalGeneration(config), processor=None, info=ModelInfo("blip", schema={}))
     if mode == "lora":
         add_lora(backend, LoraConfig(r=8, alpha=16, dropout=0.05, target_modules=HEMBLIP_TARGETS), freeze_vision=True)
     model = backend.model.to(device).train()

@@ -165,11 +165,11 @@ def _add_eval(sub) -> None:
     ev.add_argument("--limit", type=int, help="evaluate only the first N rows")
     ev.add_argument("--reannotations", help="WBCAtt re-annotation CSV, for the human agreement ceiling")
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java; about 25 s per 3,000 captions)")
-    ev.add_argument("--num-beams", type=int, default=1, help="1: greedy decoding (default)")
-    ev.add_argument("--max-new-tokens", type=int, default=60)
-    ev.add_argument("--batch", type=int, help="images decoded together (default: the engine's, 128)")
-    ev.add_argument("--tta-views", type=int, default=1, choices=(1, 2, 4, 8),
-                    help="caption rotated/flipped views and vote each attribute (default 1: off)")
+    ev.add_argument("--num-beams", type=int, help="1: greedy decoding (default: as the model's validation)")
+    ev.add_argument("--max-new-tokens", type=int, help="longest caption (default: as the model's validation)")
+    ev.add_argument("--batch", type=int, help="images decoded together (default: as the model's validation)")
+    ev.add_argument("--tta-views", type=int, choices=(1, 2, 4, 8),
+                    help="caption rotated/flipped views and vote each attribute (default: as validation, 1)")
     _add_device(ev)
     ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ev.set_defaults(run=_run_eval)
@@ -178,16 +178,13 @@ def _add_eval(sub) -> None:
 def _run_eval(args) -> int:
     from pathlib import Path
 
-    from hemcap.engine import EngineSettings
     from hemcap.evaluation import EvalOptions, evaluate
 
     options = EvalOptions(
         model_dir=Path(args.model), data_dir=Path(args.data), out_dir=Path(args.out), split=args.split,
         limit=args.limit, reannotations=Path(args.reannotations) if args.reannotations else None,
         meteor=False if args.no_meteor else None, overwrite=args.overwrite)
-    settings = EngineSettings(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, tta_views=args.tta_views,
-                              **_engine_options(args))
-    metrics = evaluate(options, settings)
+    metrics = evaluate(options, _engine_options(args))
     print(f"{metrics['n']} captions; {_headline(metrics)}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
@@ -207,8 +204,9 @@ def _add_device(parser) -> None:
 
 
 def _engine_options(args) -> dict:
-    """``--batch`` and ``--device`` as engine settings, where given."""
-    options = {"decode_chunk": args.batch, "device": args.device}
+    """The decoding flags given (``--batch``, ``--device``, ...) as engine settings; the model's info has the rest."""
+    options = {"decode_chunk": args.batch, "device": args.device, "max_new_tokens": args.max_new_tokens,
+               "num_beams": getattr(args, "num_beams", None), "tta_views": getattr(args, "tta_views", None)}
     return {name: value for name, value in options.items() if value is not None}  # --batch 0 meets the engine's check
 
 
@@ -376,8 +374,8 @@ def _add_caption(sub) -> None:
     kind.add_argument("--cell", dest="kind", action="store_const", const="cell",
                       help="every image is one cell crop: caption the whole image")
     caption.set_defaults(kind="auto")
-    caption.add_argument("--batch", type=int, help="crops decoded together by the captioner (default: the engine's, 128)")
-    caption.add_argument("--max-new-tokens", type=int, default=60, help="longest caption in tokens")
+    caption.add_argument("--batch", type=int, help="crops decoded together (default: as the model's validation)")
+    caption.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: as validation)")
     caption.add_argument("--min-confidence", type=float, default=0.5,
                          help="flag attributes stated with a lower token probability")
     caption.add_argument("--detector-scale", type=float, default=1.0,
@@ -398,7 +396,7 @@ def _run_caption(args) -> int:
     from hemcap.engine import CaptionEngine
     from hemcap.pipeline import SmearPipeline, process_images, process_state, summary_lines
 
-    engine = CaptionEngine.from_dir(args.model, max_new_tokens=args.max_new_tokens, **_engine_options(args))
+    engine = CaptionEngine.from_dir(args.model, **_engine_options(args))
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)
     pipeline = SmearPipeline(engine, detector, crop_size=args.crop_size or None, margin=args.margin,
                              min_confidence=args.min_confidence)
@@ -437,22 +435,13 @@ def _run_demo(args) -> int:
 
 
 def _import_demo_app():
-    """``demo.app``: beside ``hemcap/`` in a source checkout, else an installed ``demo`` package."""
+    """``hemcap.demo.app``, installed with hemcap (``demo/`` in the source tree)."""
     import importlib.util
-    from pathlib import Path
 
     if importlib.util.find_spec("gradio") is None:
         raise UserError("the demo needs gradio: pip install -c constraints.txt -e '.[demo]'")
-    root = Path(__file__).resolve().parents[1]
-    if (root / "demo" / "app.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    try:
-        from demo import app
-    except ModuleNotFoundError as error:
-        if error.name != "demo":
-            raise
-        raise UserError(f"the demo (demo/app.py) was not found beside {root / 'hemcap'}; "
-                        "run it from a source checkout of hemcap") from error
+    from hemcap.demo import app
+
     return app
 
 

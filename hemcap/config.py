@@ -129,7 +129,7 @@ class ModelConfig(_Section):
     name_or_path: str | None = "Salesforce/blip-image-captioning-base"
     """Hub id or local dir of the model to fine-tune (unused with init=scratch)."""
     backend: str = "auto"
-    """blip, chat (a MedGemma-class image-text-to-text model) or auto (read from the model's config)."""
+    """A registered backend (blip; chat: a MedGemma-class image-text-to-text model) or auto (from the model's config)."""
     init: str = "pretrained"
     """pretrained: load name_or_path; scratch: random weights and a tokenizer trained on the captions."""
     vision_config: dict = field(default_factory=dict)
@@ -158,7 +158,9 @@ class ModelConfig(_Section):
     """Run model code shipped with a Hub repo; off unless you trust the repo."""
 
     def problems(self) -> list[str]:
-        problems = _one_of("backend", self.backend, ("auto", "blip", "chat"))
+        from hemcap.models.registry import backend_names
+
+        problems = _one_of("backend", self.backend, ("auto", *backend_names()))
         problems += _one_of("init", self.init, ("pretrained", "scratch"))
         problems += _positive(self, "vocab_size", "max_length")
         problems += _in_range(self, "label_smoothing", 0.0, 1.0)
@@ -311,17 +313,17 @@ class TrainConfig(_Section):
 
 @dataclass
 class EvalConfig(_Section):
-    """Validation by generation: captions are generated, parsed and scored."""
+    """Validation by generation through the captioning engine, as `hemcap eval` runs it."""
 
     section = "eval"
     metric: str = "attribute_accuracy"
     """Figure that picks the best checkpoint and drives early stopping: attribute_accuracy or cider."""
     max_samples: int | None = None
     """Validate on the first N rows of the split (null: all)."""
-    batch_size: int = 32
-    """Images per generate() call."""
-    max_new_tokens: int = 96
-    """Longest generated caption in tokens."""
+    batch_size: int = 128
+    """Images decoded together (the engine's decode_chunk); hemcap eval uses it too."""
+    max_new_tokens: int = 60
+    """Longest generated caption in tokens; hemcap eval uses it too."""
     num_beams: int = 1
     """1: greedy decoding; more: beam search."""
 
@@ -396,14 +398,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), **fla
     """
     raw = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} not found")
+        path = config_file(path)
         raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     raw = apply_overrides(raw, _flag_overrides(flags) + list(overrides))  # --set has the last word
     return RunConfig.from_dict(raw, source=str(path or "<defaults>"))
+
+
+def shipped_configs() -> dict[str, Path]:
+    """Name -> file of the configs installed with hemcap (``configs/`` in the source tree)."""
+    from importlib import resources
+
+    folder = Path(str(resources.files("hemcap.configs")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_file(path: str | Path) -> Path:
+    """A config file: ``path`` if it exists, else the shipped config of that name (``blip_tiny``)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if path.stem in shipped and (path.suffix in ("", ".yaml") and len(path.parts) == 1):
+        return shipped[path.stem]
+    raise FileNotFoundError(f"config file {path} not found (shipped configs, usable by name: {', '.join(shipped)})")
 
 
 # explicit flag -> the keys it sets (None: the flag's value)
@@ -466,7 +485,7 @@ def _split_override(item: str, problems: list[str]):
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The training flags, shared by ``hemcap train`` and ``hemcap/train.py``."""
-    parser.add_argument("--config", type=Path, help="YAML run config (see configs/)")
+    parser.add_argument("--config", type=Path, help="YAML run config: a file, or a shipped config's name (blip_tiny)")
     parser.add_argument("--lora", action="store_true", default=None, help="train LoRA adapters (lora.enabled=true)")
     parser.add_argument("--model", help="Hub id or local dir of a pretrained model to fine-tune "
                                         "(sets model.name_or_path, init=pretrained, backend=auto)")

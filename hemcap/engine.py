@@ -1,12 +1,10 @@
 """Batched captioning with per-token probabilities and per-attribute confidences.
 
-Used by ``hemcap caption``, ``hemcap eval``, the smear pipeline and the demo. On a CPU the
-vision tower runs fastest per image or in small chunks, while decoding is memory-bound at
-batch 1 and gains from large batches; so images are encoded in chunks of ``vision_chunk`` and
-the decoder runs over ``decode_chunk`` encoded images at once. The vision features are computed
-once and reused at every decoding step; for BLIP, ``hemcap.attention`` makes both the vision
-tower and the decoder's cross-attention over them faster with the same greedy ids. Greedy
-decoding by default; beam search with ``num_beams``.
+Used by ``hemcap caption``, ``hemcap eval``, validation during training, the smear pipeline and
+the demo: one decoding path, so a validation figure is the figure ``hemcap eval`` reports. Rows go
+to the backend's ``generate_scored`` ``decode_chunk`` at a time; the backend decides how (BLIP
+encodes images in chunks of ``vision_chunk`` and decodes their features together, through
+``hemcap.models.blip_attention``). Greedy decoding by default; beam search with ``num_beams``.
 
 Each caption keeps the probability of every generated token. An attribute's confidence is the
 lowest probability among the tokens of the phrase that stated it.
@@ -14,6 +12,7 @@ lowest probability among the tokens of the phrase that stated it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,14 +84,15 @@ def engine_device(device: str | None = None):
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def trained_schema(model_dir: str | Path) -> str:
-    """The schema a model was trained on (from its training.json), else wbcatt."""
-    import json
-
-    summary = Path(model_dir) / "training.json"
-    if summary.is_file():
-        return json.loads(summary.read_text(encoding="utf-8")).get("data", {}).get("schema") or "wbcatt"
-    return "wbcatt"
+@contextlib.contextmanager
+def _eval_mode(model):
+    """The model in eval mode for the block, then back as it was (validation runs mid-training)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def dihedral(image, k: int):
@@ -111,22 +111,22 @@ def dihedral(image, k: int):
 class CaptionEngine:
     """A loaded captioner: images in, ``Caption``s out. Load once, call many times."""
 
-    def __init__(self, backend, schema: str | Schema = "wbcatt", settings: EngineSettings | None = None):
+    def __init__(self, backend, schema: str | Schema | None = None, settings: EngineSettings | None = None):
         self.backend = backend
-        self.schema = get_schema(schema)
+        self.schema = get_schema(schema) if schema is not None else backend.info.schema_object()
         self.settings = settings or EngineSettings()
         self.parser = compiled_parser(self.schema)
-        backend.model.eval()
         if not getattr(backend.model, "hf_device_map", None):  # models placed by accelerate stay where they are
             backend.model.to(engine_device(self.settings.device))
 
     @classmethod
     def from_dir(cls, model_dir: str | Path, schema: str | Schema | None = None, **settings) -> "CaptionEngine":
-        """Load a model dir written by ``hemcap train`` (full model or LoRA adapter)."""
+        """Load a model folder (full model or LoRA adapter). It speaks the schema its info embeds and
+        decodes as its validation did; ``settings`` override those decoding settings."""
         from hemcap.models import load_trained
 
         backend = load_trained(model_dir)
-        return cls(backend, schema or trained_schema(model_dir), EngineSettings(**settings))
+        return cls(backend, schema, EngineSettings(**{**backend.info.decoding, **settings}))
 
     def caption(self, images: Sequence) -> list[Caption]:
         """Captions for PIL images (any size: the processor resizes them)."""
@@ -142,7 +142,7 @@ class CaptionEngine:
         if views > 1:
             rows = [{key: dihedral(value, k) for key, value in row.items() if key in ("image", "pixels")}
                     for row in rows for k in range(views)]
-        with torch.inference_mode():
+        with torch.inference_mode(), _eval_mode(self.backend.model):
             ids, logprobs = self._generate(rows)
         captions = [self._caption(row_ids, row_logprobs) for row_ids, row_logprobs in zip(ids, logprobs)]
         if views == 1:
@@ -174,34 +174,20 @@ class CaptionEngine:
         return Caption(text, agreeing.token_ids, agreeing.token_probs, attributes, confidences, {})
 
     def _generate(self, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[float]]]:
-        s = self.settings
         ids, logprobs = [], []
-        if hasattr(self.backend, "encode_images"):  # vision and decoding chunked separately
-            for start in range(0, len(rows), s.decode_chunk):
-                chunk = rows[start : start + s.decode_chunk]
-                features = self.backend.encode_images(self.backend.pixel_values(chunk), s.vision_chunk)
-                self._extend(ids, logprobs, self.backend.decode(features, s.max_new_tokens, s.num_beams, s.min_new_tokens))
-        else:
-            for start in range(0, len(rows), s.decode_chunk):
-                chunk = rows[start : start + s.decode_chunk]
-                generated = self.backend.generate_scored(chunk, s.max_new_tokens, s.num_beams, s.min_new_tokens)
-                self._extend(ids, logprobs, generated)
+        for start in range(0, len(rows), self.settings.decode_chunk):
+            self._extend(ids, logprobs, self.backend.generate_scored(rows[start : start + self.settings.decode_chunk],
+                                                                     self.settings))
         return ids, logprobs
 
     def _extend(self, ids: list, logprobs: list, generated) -> None:
         """Keep each row's new tokens up to (not including) its end token, with their log-probs."""
         sequences, scores = generated
-        stop = self._stop_ids()
+        stop = self.backend.stop_token_ids
         for row_ids, row_scores in zip(sequences.tolist(), scores.tolist()):
             end = next((i for i, t in enumerate(row_ids) if t in stop), len(row_ids))
             ids.append(row_ids[:end])
             logprobs.append(row_scores[:end])
-
-    def _stop_ids(self) -> set[int]:
-        tokenizer = self.backend.tokenizer
-        ids = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.sep_token_id}
-        ids |= set(getattr(self.backend, "stop_token_ids", ()))
-        return {i for i in ids if i is not None}
 
     def _caption(self, token_ids: list[int], logprobs: list[float]) -> Caption:
         import math

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from hemcap.engine import CaptionEngine, EngineSettings
+from hemcap.engine import CaptionEngine
 
 log = logging.getLogger(__name__)
 
@@ -44,18 +44,20 @@ class EvalOptions:
             raise ValueError("; ".join(problems))
 
 
-def evaluate(options: EvalOptions, settings: EngineSettings | None = None) -> dict:
-    """Caption, score and report; returns the metrics."""
+def evaluate(options: EvalOptions, settings: dict | None = None) -> dict:
+    """Caption, score and report; returns the metrics. ``settings`` override the engine settings the
+    model's info records (those its validation decoded with)."""
     from hemcap.metrics import score_records, write_predictions
     from hemcap.fileio import staging_dir
-    from hemcap.recipes import get_split, load_prepared
+    from hemcap.recipes import dataset_schema, get_split, load_prepared
     from hemcap.report import write_report
 
     dataset, meta = load_prepared(options.data_dir)
     rows = get_split(dataset, options.split)
     if options.limit:
         rows = rows.select(range(min(options.limit, len(rows))))
-    engine = CaptionEngine.from_dir(options.model_dir, schema=meta["schema"], **vars(settings or EngineSettings()))
+    engine = CaptionEngine.from_dir(options.model_dir, **(settings or {}))
+    _check_schema(engine.schema, dataset_schema(meta, options.data_dir), options)
     records = caption_dataset(engine, rows)
     with staging_dir(options.out_dir, options.overwrite) as staging:
         write_predictions(records, staging / "predictions.jsonl")
@@ -66,6 +68,12 @@ def evaluate(options: EvalOptions, settings: EngineSettings | None = None) -> di
         )
         write_report(metrics, staging)
     return metrics
+
+
+def _check_schema(model_schema, data_schema, options: EvalOptions) -> None:
+    if model_schema.name != data_schema.name or model_schema.field_names != data_schema.field_names:
+        raise ValueError(f"{options.model_dir} speaks the {model_schema.name!r} schema but {options.data_dir} is "
+                         f"labelled with {data_schema.name!r}; evaluate it on data of its own schema")
 
 
 def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None) -> list[dict]:

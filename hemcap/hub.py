@@ -1,26 +1,25 @@
 """Hugging Face Hub: model cards, merged export of LoRA adapters, and push.
 
 A trained model dir (``<output_dir>/model`` from ``hemcap train``) holds the weights or adapter,
-the processor, ``hemcap_model.json`` and ``training.json`` (metrics, data, base model, config).
-``build_model_card`` turns that into a card with valid Hub metadata; ``stage_upload`` writes the
+the processor and ``hemcap_model.json`` (``ModelInfo``: backend, schema, training summary with
+metrics, data, base model, config). ``build_model_card`` turns that into a card with valid Hub metadata; ``stage_upload`` writes the
 exact folder a push uploads; ``push`` uploads it. Tokens come from the environment or
 ``huggingface-cli login`` and are never logged.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import re
 import shutil
 import tempfile
 from pathlib import Path
 
-from hemcap.fileio import staging_dir, write_json
+from hemcap.fileio import staging_dir
 
 log = logging.getLogger(__name__)
 
-TRAINING_FILE = "training.json"  # written by hemcap.train beside the final model
 # Licenses of the known base models; anything else trained from scratch takes the project's.
 BASE_LICENSES = {
     "Salesforce/blip-image-captioning-base": {"license": "bsd-3-clause"},
@@ -78,20 +77,17 @@ Mean attribute accuracy counts an attribute the caption omits as wrong.
 """
 
 
-def read_training_summary(model_dir: str | Path) -> dict:
-    path = Path(model_dir) / TRAINING_FILE
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-
-
 def card_data(model_dir: str | Path, model_name: str, license: str | None = None):
     """The card's metadata (``ModelCardData``): license, base model, tags, evaluation results."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    summary = read_training_summary(model_dir)
-    info = _model_info(model_dir)
-    base = _hub_id(summary.get("base_model"))
+    from hemcap.models import read_model_info
+
+    info = read_model_info(model_dir)
+    summary = info.training
+    base = _hub_id(info.base_model)
     licensing = {"license": license} if license else BASE_LICENSES.get(base, {"license": "apache-2.0"})
-    pipeline = "image-to-text" if info.get("kind") == "blip" else "image-text-to-text"
+    pipeline = _backend_attribute(info, "pipeline_tag", "image-text-to-text")
     metrics = summary.get("metrics", {})
     dataset = (summary.get("data") or {}).get("recipe") or "unknown"
     results = [EvalResult(task_type=pipeline, dataset_type=dataset, dataset_name=dataset, dataset_split="validation",
@@ -100,8 +96,8 @@ def card_data(model_dir: str | Path, model_name: str, license: str | None = None
                                          ("cell_type_accuracy", "accuracy", "cell type accuracy"),
                                          ("cider", "cider", "CIDEr-D")) if key in metrics]
     tags = ["hemcap", "haematology", "white-blood-cells", "image-captioning", "medical-research"]
-    tags += ["lora"] if info.get("adapter") else []
-    return ModelCardData(model_name=model_name, base_model=base, library_name="peft" if info.get("adapter") else
+    tags += ["lora"] if info.adapter else []
+    return ModelCardData(model_name=model_name, base_model=base, library_name="peft" if info.adapter else
                          "transformers", pipeline_tag=pipeline, tags=tags, eval_results=results or None,
                          **licensing)
 
@@ -110,8 +106,10 @@ def build_model_card(model_dir: str | Path, repo_id: str, license: str | None = 
     """The model card (``huggingface_hub.ModelCard``) for the trained model in ``model_dir``."""
     from huggingface_hub import ModelCard
 
-    summary = read_training_summary(model_dir)
-    info = _model_info(model_dir)
+    from hemcap.models import read_model_info
+
+    info = read_model_info(model_dir)
+    summary = info.training
     name = repo_id.split("/")[-1]
     data = card_data(model_dir, name, license)
     recipe = (summary.get("data") or {}).get("recipe") or "unknown"
@@ -119,7 +117,7 @@ def build_model_card(model_dir: str | Path, repo_id: str, license: str | None = 
         data, template_str=CARD_TEMPLATE, model_name=name,
         kind_text=_kind_text(info, summary), training_text=_training_text(summary),
         data_text=_data_text(summary), data_name=recipe, metrics_table=_metrics_table(summary.get("metrics", {})),
-        usage=_usage(repo_id, info), license_text=_license_text(data, recipe))
+        usage=_usage(repo_id), license_text=_license_text(data, recipe))
 
 
 def _hub_id(name: str | None) -> str | None:
@@ -129,15 +127,25 @@ def _hub_id(name: str | None) -> str | None:
     return name
 
 
-def _model_info(model_dir) -> dict:
-    path = Path(model_dir) / "hemcap_model.json"
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+def backend_title(info) -> str:
+    """What the model is, in words: its backend's title ("BLIP captioning model")."""
+    return _backend_attribute(info, "title", "captioning model")
 
 
-def _kind_text(info: dict, summary: dict) -> str:
-    kind = {"blip": "BLIP captioning model", "chat": "vision-language chat model"}.get(info.get("kind"), "captioning model")
-    adapter = "LoRA adapter for a " if info.get("adapter") else ""
-    base = _hub_id(summary.get("base_model"))
+def _backend_attribute(info, name: str, default: str) -> str:
+    """A class attribute of the model's backend (title, pipeline_tag); ``default`` for one not registered here."""
+    from hemcap.models import backend_class
+
+    try:
+        return getattr(backend_class(info.backend), name)
+    except ValueError:
+        return default
+
+
+def _kind_text(info, summary: dict) -> str:
+    kind = backend_title(info)
+    adapter = "LoRA adapter for a " if info.adapter else ""
+    base = _hub_id(info.base_model)
     origin = f" fine-tuned from [{base}](https://huggingface.co/{base})" if base else " trained from random weights"
     return f"{adapter}{kind}{origin}"
 
@@ -165,10 +173,11 @@ def _metrics_table(metrics: dict) -> str:
     return "\n".join(f"| {label} | {value:.4f} |" for label, value in rows) or "| (no validation recorded) | |"
 
 
-def _usage(repo_id: str, info: dict) -> str:
-    lines = ["from huggingface_hub import snapshot_download", "from hemcap.models import load_trained", "",
-             f'backend = load_trained(snapshot_download("{repo_id}"))',
-             'print(backend.generate([{"image": image}]))  # image: a PIL crop of one white blood cell']
+def _usage(repo_id: str) -> str:
+    lines = ["from huggingface_hub import snapshot_download", "from hemcap.engine import CaptionEngine", "",
+             f'engine = CaptionEngine.from_dir(snapshot_download("{repo_id}"))',
+             "(caption,) = engine.caption([image])  # image: a PIL crop of one white blood cell",
+             "print(caption.text, caption.attributes)  # parsed with the schema the model carries"]
     return "\n".join(lines)
 
 
@@ -185,7 +194,7 @@ def _license_text(data, recipe: str) -> str:
 
 def export_merged(model_dir: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into its base and write a standalone model dir (atomically)."""
-    from hemcap.models import is_peft, load_trained, merge_lora
+    from hemcap.models import is_peft, load_trained, merge_lora, write_model_info
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists() and not overwrite:
@@ -196,17 +205,16 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, overwrite: bool = 
     merged = merge_lora(backend)
     with staging_dir(out_dir, overwrite=True) as staging:
         merged.save(staging)
-        summary = read_training_summary(model_dir)
-        if summary:
-            write_json(staging / TRAINING_FILE, {**summary, "merged_from": str(model_dir)}, indent=2)
+        info = dataclasses.replace(merged.info, training={**merged.info.training, "merged_from": str(model_dir)})
+        write_model_info(staging, info)
     return out_dir
 
 
 def stage_upload(model_dir: str | Path, staging: str | Path, repo_id: str, license: str | None = None) -> Path:
     """Write into ``staging`` exactly what ``push`` uploads: the model dir's files plus README.md (the card)."""
-    from hemcap.models import check_model_dir
+    from hemcap.models import find_model_dir
 
-    model_dir, staging = check_model_dir(model_dir), Path(staging)
+    model_dir, staging = find_model_dir(model_dir), Path(staging)
     if staging.exists():
         shutil.rmtree(staging)
     shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".*", "__pycache__"))

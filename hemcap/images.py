@@ -115,6 +115,15 @@ def background_colour(image: Image.Image) -> tuple[int, int, int]:
     return tuple(int(round(v)) for v in np.median(bright, axis=0))
 
 
+def model_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """uint8 (3, height, width) of ``image`` at the model's input ``size``: the one resize that
+    training, validation, evaluation and inference all use, so the model always sees the same pixels."""
+    image = image if image.mode == "RGB" else image.convert("RGB")
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
+    return np.asarray(image).transpose(2, 0, 1).copy()
+
+
 def square_crop(image: Image.Image, box, margin: float = 0.25, size: int | None = None,
                 fill: tuple[int, int, int] | None = None) -> Image.Image:
     """A square RGB crop centred on ``box`` = (x0, y0, x1, y1), ``margin`` of the box's longer side

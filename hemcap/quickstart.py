@@ -96,11 +96,10 @@ def train_model(options: QuickstartOptions, run_dir: Path, data_dir: Path) -> Pa
 
 
 def config_path(name: str) -> Path:
-    """A shipped config (``configs/`` at the top of the source tree)."""
-    path = Path(__file__).resolve().parents[1] / "configs" / name
-    if not path.is_file():
-        raise FileNotFoundError(f"shipped config {name} not found at {path}; install hemcap from its source tree")
-    return path
+    """A shipped config (installed with hemcap as ``hemcap.configs``)."""
+    from hemcap.config import config_file
+
+    return config_file(name)
 
 
 def evaluate_model(model_dir: Path, data_dir: Path, run_dir: Path) -> dict:

@@ -310,7 +310,8 @@ def write_dataset(
     if problems:
         raise RecipeError(f"cannot build the {schema.name} dataset", problems)
     dataset = _build_dataset_dict(records, [b for b, _ in images], schema, n_paraphrases, seed)
-    meta = {"schema": schema.name, "fields": list(schema.field_names), "n_paraphrases": n_paraphrases,
+    meta = {"schema": schema.name, "schema_definition": dict(schema.raw), "fields": list(schema.field_names),
+            "n_paraphrases": n_paraphrases,
             "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
     _save_atomically(dataset, meta, out_dir, overwrite)
     counts = ", ".join(f"{s} {len(dataset[s])}" for s in dataset)
@@ -425,6 +426,18 @@ def load_prepared(path: str | Path):
         raise FileNotFoundError(f"{path} is not a hemcap dataset (no {META_FILE}); make one with `hemcap prepare`")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     return datasets.load_from_disk(str(path)), meta
+
+
+def dataset_schema(meta: dict, where: str | Path = "dataset") -> Schema:
+    """The schema a prepared dataset was written with: embedded in its meta (an own YAML need not be
+    kept), else a shipped schema by name (datasets written before the schema was embedded)."""
+    from hemcap.schema import build_schema
+
+    if meta.get("schema_definition"):
+        return build_schema(meta["schema_definition"], source=f"{where}/{META_FILE}")
+    if not meta.get("schema"):
+        raise ValueError(f"{where}/{META_FILE} names no schema; prepare the dataset again")
+    return get_schema(meta["schema"])
 
 
 def get_split(dataset, split: str):

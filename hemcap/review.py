@@ -183,14 +183,12 @@ def resolve_model_dir(model: str | Path | None, runs_dir: str | Path = "runs") -
             raise FileNotFoundError(f"no --model given and no quickstart model under {runs_dir}/; "
                                     "run `hemcap quickstart` first or pass --model DIR")
         return found, f"no --model given: using the newest quickstart model, {found}"
-    from hemcap.models import MODEL_FILES, is_model_dir
+    from hemcap.models import ModelInfoError, find_model_dir
 
-    path = Path(model)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model dir {path} does not exist (pass the `model` folder a training run wrote)")
-    if not is_model_dir(path):
-        raise FileNotFoundError(f"{path} holds no model: no {' or '.join(MODEL_FILES)} (pass the `model` folder "
-                                "a training run wrote, e.g. runs/<run>/model)")
+    try:
+        path = find_model_dir(model)
+    except ModelInfoError as error:
+        raise FileNotFoundError(str(error)) from error
     return path, f"model: {path}"
 
 
@@ -211,12 +209,14 @@ FIGURES = (("attribute_accuracy", "Mean attribute accuracy", "percent"),
 
 def summarize_model(model_dir: str | Path) -> ModelSummary:
     """The model's description and figures: a held-out test report of its run (``eval_report_paths``),
-    else the validation figures training saved (``training.json``), else its model card's results
+    else the validation figures training saved (its ``ModelInfo``), else its model card's results
     (``README.md``)."""
+    from hemcap.models import read_model_info
+
     model_dir = Path(model_dir)
     name = model_name(model_dir)
-    training = _read_json(model_dir / "training.json")
-    info = _read_json(model_dir / "hemcap_model.json")
+    info = read_model_info(model_dir)
+    training = info.training
     recipe = (training.get("data") or {}).get("recipe")
     for read in (_test_report_figures, _training_figures, _card_figures):
         figures, source = read(model_dir, training)
@@ -288,10 +288,13 @@ def _card_figures(model_dir: Path, training: dict) -> tuple[list, str]:
     return figures, f"model card ({split or 'unknown'} split)"
 
 
-def _description(info: dict, training: dict) -> str:
-    kind = {"blip": "BLIP captioner", "chat": "vision-language chat model"}.get(info.get("kind"), "captioning model")
-    kind = f"LoRA adapter on a {kind}" if info.get("adapter") else kind
-    base = training.get("base_model")
+def _description(info, training: dict) -> str:
+    from hemcap.hub import backend_title
+    from hemcap.models import BASE_MODEL_DIR
+
+    kind = backend_title(info)
+    kind = f"LoRA adapter on a {kind}" if info.adapter else kind
+    base = info.base_model if info.base_model != BASE_MODEL_DIR else None  # a scratch base has no name
     origin = f"fine-tuned from {base}" if base else ("trained from random weights" if training else "")
     data = training.get("data") or {}
     trained_on = (f"on {data.get('recipe', 'unknown')} data ({data.get('train_images', '?')} training images, "

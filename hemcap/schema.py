@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import itertools
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
@@ -71,6 +71,7 @@ class Schema:
     clauses: Mapping[str, tuple[Form, ...]]
     templates: tuple[tuple[str, ...], ...]
     extra_forms: tuple[Form, ...] = ()  # phrasings the parser accepts that templates never use
+    raw: Mapping = field(default_factory=dict, compare=False, repr=False)  # the YAML as parsed: what models embed
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -158,6 +159,7 @@ def build_schema(raw: dict, source: str = "<dict>") -> Schema:
         clauses=MappingProxyType(clauses),
         templates=templates,
         extra_forms=extra,
+        raw=MappingProxyType(raw),
     )
 
 

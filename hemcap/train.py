@@ -41,7 +41,6 @@ from hemcap.inputs import TrainBatches, decode_split
 log = logging.getLogger("hemcap.train")
 
 LOG_FILE = "log.jsonl"
-SUMMARY_FILE = "training.json"  # beside the final model: metrics, data, base model, config
 FINAL_MODEL_DIR = "model"
 SCRATCH_BASE_DIR = "base_model"
 
@@ -149,7 +148,7 @@ def setup(cfg: RunConfig) -> Run:
     set_seed(cfg.train.seed)
     dataset, meta, schema = _load_data(cfg, accelerator)
     train_split, val_split = dataset["train"], dataset["val"]
-    backend = build_backend(cfg, train_split, precision, out, resume_dir, accelerator)
+    backend = build_backend(cfg, train_split, schema, precision, out, resume_dir, accelerator)
     with accelerator.main_process_first():  # one process decodes, the others read its cache
         batches, train_ids = _train_batches(cfg, backend, train_split, out, accelerator)
         val = _val_set(cfg, backend, val_split, schema, out)
@@ -216,8 +215,7 @@ def _resume_dir(cfg: RunConfig, out: Path, accelerator) -> Path | None:
 
 def _load_data(cfg: RunConfig, accelerator):
     """The train and validation splits, generating the synthetic set first when the config asks for it."""
-    from hemcap.recipes import get_split, load_prepared, prepare_synthetic
-    from hemcap.schema import get_schema
+    from hemcap.recipes import dataset_schema, get_split, load_prepared, prepare_synthetic
 
     path = Path(cfg.data.path)
     if not path.exists() and cfg.data.synthetic is not None:
@@ -234,10 +232,10 @@ def _load_data(cfg: RunConfig, accelerator):
     val = get_split(dataset, cfg.data.val_split)
     if cfg.eval.max_samples:
         val = val.select(range(min(cfg.eval.max_samples, len(val))))
-    return {"train": train, "val": val}, meta, get_schema(meta.get("schema", "wbcatt"))
+    return {"train": train, "val": val}, meta, dataset_schema(meta, path)
 
 
-def build_backend(cfg: RunConfig, train_split, precision: str, out: Path, resume_dir: Path | None,
+def build_backend(cfg: RunConfig, train_split, schema, precision: str, out: Path, resume_dir: Path | None,
                   accelerator) -> models.Backend:
     """The model to train: fresh from the config, or as checkpoint ``resume_dir`` left it."""
     lora = cfg.lora
@@ -248,12 +246,12 @@ def build_backend(cfg: RunConfig, train_split, precision: str, out: Path, resume
     if resume_dir is not None:
         backend = models.load_trained(resume_dir / checkpoint.MODEL_SUBDIR, dtype=dtype, quantize=lora.quantize,
                                       is_trainable=True)
-        models.configure(backend, cfg.model)
+        backend.configure(cfg.model)
         if (out / SCRATCH_BASE_DIR).is_dir():
             backend.base_dir = out / SCRATCH_BASE_DIR
     else:
         captions = [c for variants in train_split["captions"] for c in variants] if cfg.model.init == "scratch" else ()
-        backend = models.load_backend(cfg.model, captions, dtype=dtype, quantize=lora.quantize)
+        backend = models.load_backend(cfg.model, captions, dtype=dtype, quantize=lora.quantize, schema=schema)
         if lora.enabled:
             if cfg.model.init == "scratch":
                 if accelerator.is_main_process:
@@ -267,6 +265,8 @@ def build_backend(cfg: RunConfig, train_split, precision: str, out: Path, resume
     log.info("trainable parameters: %s of %s (%.2f%%)", f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     if trainable == 0:
         raise models.ModelError("no trainable parameters: check model.freeze_vision and the LoRA targets")
+    decoding = dataclasses.asdict(eval_settings(cfg))
+    backend.info.decoding = {k: v for k, v in decoding.items() if k != "device"}  # hemcap eval decodes as validation
     return backend
 
 
@@ -378,29 +378,34 @@ class _Meter:
 # ------------------------------------------------------------------------------ validation
 
 
+def eval_settings(cfg: RunConfig):
+    """The engine settings validation decodes with, recorded in the model's info for ``hemcap eval``."""
+    from hemcap.engine import EngineSettings
+
+    return EngineSettings(max_new_tokens=cfg.eval.max_new_tokens, num_beams=cfg.eval.num_beams,
+                          decode_chunk=cfg.eval.batch_size)
+
+
 def validate(run: Run) -> dict:
-    """Generate a caption for every validation image; score the parsed attributes and the text."""
+    """Caption every validation image through the engine, as ``hemcap eval`` does; score the captions."""
     from accelerate.utils import gather_object
 
-    accelerator, ecfg = run.accelerator, run.cfg.eval
-    model = run.backend.model
-    was_training = model.training
-    model.eval()
-    mine = list(range(accelerator.process_index, len(run.val.ids), accelerator.num_processes))
-    captions = []
-    with torch.no_grad(), accelerator.autocast():  # BLIP's generate() bypasses the autocast forward
-        for start in range(0, len(mine), ecfg.batch_size):
-            chunk = mine[start:start + ecfg.batch_size]
-            rows = [{"pixels": run.val.pixels[i].float() / 255} for i in chunk]
-            captions += run.backend.generate(rows, max_new_tokens=ecfg.max_new_tokens, num_beams=ecfg.num_beams)
-    model.train(was_training)
-    ordered = sorted(gather_object(list(zip(mine, captions))))
-    predictions = [text for _, text in ordered]
+    from hemcap.engine import CaptionEngine
+
+    settings = dataclasses.replace(eval_settings(run.cfg), device=str(run.accelerator.device))  # this process's
+    engine = CaptionEngine(run.backend, run.schema, settings)
+    mine = list(range(run.accelerator.process_index, len(run.val.ids), run.accelerator.num_processes))
+    chunk, captions = engine.settings.decode_chunk, []
+    for start in range(0, len(mine), chunk):
+        rows = [{"pixels": run.val.pixels[i].float() / 255} for i in mine[start:start + chunk]]
+        captions += [caption.text for caption in engine.caption_rows(rows)]
+    predictions = [text for _, text in sorted(gather_object(list(zip(mine, captions))))]
     return caption_scores(predictions, run.val.references, run.val.truth, run.schema) | {"examples": predictions[:3]}
 
 
 def caption_scores(predictions: list[str], references: list[list[str]], truth: list[dict], schema) -> dict:
-    """The validation figures: mean attribute accuracy (omitted counts wrong), cell type, CIDEr-D."""
+    """The validation figures, computed as ``hemcap eval`` computes them: mean attribute accuracy
+    (omitted counts wrong), cell type, CIDEr-D, BLEU-4, and each field's accuracy."""
     from hemcap.metrics import caption_metrics, faithfulness_metrics
 
     faith = faithfulness_metrics(predictions, truth, schema)
@@ -435,6 +440,7 @@ def _evaluate_and_save(run: Run) -> bool:
 def _save(run: Run) -> None:
     root = run.out / "checkpoints"
     state = {**run.state, "config": run.cfg.to_dict()}
+    run.backend.info.training = _summary(run)  # a checkpoint's model folder knows where it stands
     checkpoint.save_checkpoint(root, run.state["step"], run.backend, run.optimizer, run.scheduler, state,
                                run.accelerator)
     if run.accelerator.is_main_process:
@@ -485,7 +491,7 @@ def _write_log(run: Run, record: dict) -> None:
 
 
 def _finish(run: Run) -> Path:
-    """Copy the best checkpoint's model to ``<output_dir>/model`` with a summary of the run."""
+    """Copy the best checkpoint's model to ``<output_dir>/model``, its info holding the run's summary."""
     accelerator = run.accelerator
     accelerator.end_training()
     final = run.out / FINAL_MODEL_DIR
@@ -493,7 +499,9 @@ def _finish(run: Run) -> Path:
         best = run.out / "checkpoints" / checkpoint.checkpoint_name(run.state["best_step"]) / checkpoint.MODEL_SUBDIR
         with fileio.staging_dir(final, overwrite=True) as staging:
             shutil.copytree(best, staging, dirs_exist_ok=True)
-            fileio.write_json(staging / SUMMARY_FILE, _summary(run), indent=2)
+            info = models.read_model_info(staging)
+            info.training = _summary(run)
+            models.write_model_info(staging, info)
         log.info("model written to %s (step %d, %s %.4f)", final, run.state["best_step"], run.cfg.eval.metric,
                  run.state["best_metric"])
     accelerator.wait_for_everyone()
@@ -501,15 +509,14 @@ def _finish(run: Run) -> Path:
 
 
 def _summary(run: Run) -> dict:
-    """What a model card needs: metrics, data, base model, config."""
-    best = next(h for h in run.state["history"] if h["step"] == run.state["best_step"])
+    """What a model card needs: validation metrics of the best step, data, base model, config."""
+    best = next((h for h in run.state["history"] if h["step"] == run.state["best_step"]), {})
     cfg = run.cfg
     return {"metrics": best, "best_step": run.state["best_step"], "steps": run.state["step"],
-            "training_minutes": round(run.state["elapsed_s"] / 60, 2),
-            "base_model": cfg.model.name_or_path if cfg.model.init == "pretrained" else None,
-            "init": cfg.model.init, "backend": run.backend.kind, "lora": cfg.lora.enabled,
-            "data": {"path": str(cfg.data.path), "train_images": len(run.train_ids),
-                     "val_images": len(run.val.ids), **{k: run.data_meta.get(k) for k in ("schema", "recipe")}},
+            "training_minutes": round(run.state["elapsed_s"] / 60, 2), "init": cfg.model.init,
+            "lora": cfg.lora.enabled,
+            "data": {"path": str(cfg.data.path), "train_images": len(run.train_ids), "val_images": len(run.val.ids),
+                     **{k: run.data_meta.get(k) for k in ("schema", "recipe")}},
             "config": dataclasses.asdict(cfg)}
 
 

@@ -210,11 +210,13 @@ def test_download_names_are_safe():
 
 
 def fake_model(path: Path, training: dict | None = None) -> Path:
+    """A model folder's info without weights: what review reads."""
+    from hemcap.models import ModelInfo, write_model_info
+    from hemcap.schema import load_schema
+
     path.mkdir(parents=True)
     (path / "config.json").write_text("{}")
-    (path / "hemcap_model.json").write_text(json.dumps({"kind": "blip", "adapter": False}))
-    if training is not None:
-        (path / "training.json").write_text(json.dumps(training))
+    write_model_info(path, ModelInfo(backend="blip", schema=dict(load_schema("wbcatt").raw), training=training or {}))
     return path
 
 
@@ -237,7 +239,7 @@ def test_missing_model_dir_refuses_to_start(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "does not exist" in err and "Traceback" not in err
     assert main(["demo", "--model", str(tmp_path)]) == 2  # a folder without a model
-    assert "holds no model" in capsys.readouterr().err
+    assert "is not a hemcap model folder" in capsys.readouterr().err
 
 
 def test_model_summary_prefers_the_test_report(tmp_path):
@@ -265,14 +267,17 @@ def test_model_summary_prefers_the_test_report(tmp_path):
 
 
 def test_model_summary_reads_a_hub_model_card(tmp_path):
-    """A model downloaded from the Hub has its card (written by `hemcap push`) but no training.json."""
+    """A model whose info records no training (a hand-made upload) still shows its card's figures."""
     from hemcap.hub import build_model_card
+    from hemcap.models import read_model_info, write_model_info
 
     training = {"metrics": {"attribute_accuracy": 0.91, "cell_type_accuracy": 0.95, "cider": 1.2},
                 "data": {"recipe": "wbcatt", "train_images": 6000, "val_images": 1000, "schema": "wbcatt"}}
     model = fake_model(tmp_path / "downloaded", training)
     build_model_card(model, "someone/hemcap-blip").save(model / "README.md")
-    (model / "training.json").unlink()
+    info = read_model_info(model)
+    info.training = {}
+    write_model_info(model, info)
     summary = review.summarize_model(model)
     assert ("mean attribute accuracy", "91.0%") in summary.figures and "validation" in summary.source
 

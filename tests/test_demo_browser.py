@@ -62,9 +62,11 @@ def wait_until_served(url: str, server: subprocess.Popen, log: Path) -> None:
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_blip_dir, tmp_path_factory) -> Path:
-    """The tiny random model with the training record `hemcap train` leaves beside a model, or
+    """The tiny random model with the training record `hemcap train` leaves in its info, or
     the model HEMCAP_DEMO_MODEL names."""
     import shutil
+
+    from hemcap.models import read_model_info, write_model_info
 
     if os.environ.get("HEMCAP_DEMO_MODEL"):
         return Path(os.environ["HEMCAP_DEMO_MODEL"]).resolve()
@@ -73,7 +75,9 @@ def model_dir(tiny_blip_dir, tmp_path_factory) -> Path:
     training = {"metrics": {"attribute_accuracy": 0.52, "cell_type_accuracy": 0.19, "cider": 0.71},
                 "data": {"recipe": "synthetic", "train_images": 96, "val_images": 16, "schema": "wbcatt"},
                 "init": "scratch"}
-    (model / "training.json").write_text(json.dumps(training))
+    info = read_model_info(model)
+    info.training = training
+    write_model_info(model, info)
     return model
 
 

@@ -81,8 +81,23 @@ def test_device_is_checked_and_used(tiny_blip_dir):
 
 
 def test_model_dir_without_a_model(tmp_path):
-    with pytest.raises(FileNotFoundError, match="holds no model"):
+    from hemcap.models import ModelInfoError
+
+    with pytest.raises(ModelInfoError, match=f"{tmp_path} is not a hemcap model folder: it has no hemcap_model.json"):
         CaptionEngine.from_dir(tmp_path)
+
+
+def test_engine_decodes_as_the_model_info_says_unless_told_otherwise(tiny_blip_dir, tmp_path):
+    import shutil
+
+    from hemcap.models import read_model_info, write_model_info
+
+    shutil.copytree(tiny_blip_dir, tmp_path / "m")
+    info = read_model_info(tmp_path / "m")
+    info.decoding = {"max_new_tokens": 7, "num_beams": 2, "decode_chunk": 3}
+    write_model_info(tmp_path / "m", info)
+    settings = CaptionEngine.from_dir(tmp_path / "m", num_beams=1).settings
+    assert (settings.max_new_tokens, settings.num_beams, settings.decode_chunk) == (7, 1, 3)
 
 
 def test_dihedral_views_are_the_eight_symmetries():

@@ -11,11 +11,20 @@ from hemcap.captions import caption_variants
 from hemcap.cli import main
 from hemcap.config import LoraConfig, ModelConfig
 from hemcap.hub import build_model_card, push
-from hemcap.models import add_lora, load_backend, load_trained
+from hemcap.models import add_lora, load_backend, load_trained, read_model_info, write_model_info
 from hemcap.synthetic import sample_attributes
 
 METRICS = {"attribute_accuracy": 0.8123, "cell_type_accuracy": 0.9, "cider": 1.234, "bleu_4": 0.5,
            "field_accuracy": {"cell_size": 0.7}}
+
+
+def texts(backend, rows, max_new_tokens):
+    """Greedy captions through the engine (the one decoding path)."""
+    from hemcap.engine import CaptionEngine, EngineSettings
+
+    settings = EngineSettings(max_new_tokens=max_new_tokens, device="cpu")
+    return [c.text for c in CaptionEngine(backend, settings=settings).caption_rows(rows)]
+
 
 
 def tiny_blip(captions):
@@ -27,12 +36,14 @@ def tiny_blip(captions):
                          max_position_embeddings=96)), captions)
 
 
-def write_summary(model_dir: Path, lora: bool) -> None:
-    summary = {"metrics": METRICS, "best_step": 10, "steps": 12, "training_minutes": 0.5, "base_model": None,
-               "init": "scratch", "backend": "blip", "lora": lora,
-               "data": {"path": "runs/data/wbcatt", "train_images": 6169, "val_images": 1030, "schema": "wbcatt",
-                        "recipe": "wbcatt"}}
-    (model_dir / "training.json").write_text(json.dumps(summary))
+def write_summary(model_dir: Path, lora: bool, base_model: str | None = None) -> None:
+    """The training summary a run records in the model's info."""
+    info = read_model_info(model_dir)
+    info.training = {"metrics": METRICS, "best_step": 10, "steps": 12, "training_minutes": 0.5, "init": "scratch",
+                     "lora": lora, "data": {"path": "runs/data/wbcatt", "train_images": 6169, "val_images": 1030,
+                                            "schema": "wbcatt", "recipe": "wbcatt"}}
+    info.base_model = base_model or info.base_model
+    write_model_info(model_dir, info)
 
 
 @pytest.fixture(scope="module")
@@ -83,10 +94,7 @@ def test_model_card_metadata_validates_offline(adapter_dir):
 def test_card_names_the_base_model_and_its_license(tmp_path, captions):
     backend = tiny_blip(captions)
     backend.save(tmp_path / "m")
-    write_summary(tmp_path / "m", lora=False)
-    summary = json.loads((tmp_path / "m" / "training.json").read_text())
-    summary["base_model"] = "Salesforce/blip-image-captioning-base"
-    (tmp_path / "m" / "training.json").write_text(json.dumps(summary))
+    write_summary(tmp_path / "m", lora=False, base_model="Salesforce/blip-image-captioning-base")
     data = build_model_card(tmp_path / "m", "me/x").data
     assert data.base_model == "Salesforce/blip-image-captioning-base" and data.license == "bsd-3-clause"
     assert data.library_name == "transformers"
@@ -97,10 +105,9 @@ def test_push_dry_run_writes_the_exact_upload_folder(adapter_dir, tmp_path, caps
     assert main(["push", str(adapter_dir), "--repo-id", "someone/hemcap-blip", "--dry-run", "--out", str(out)]) == 0
     assert str(out) in capsys.readouterr().out
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert {"README.md", "adapter_model.safetensors", "adapter_config.json", "training.json",
+    assert {"README.md", "adapter_model.safetensors", "adapter_config.json",
             "hemcap_model.json", "base_model/model.safetensors", "tokenizer.json"} <= files
-    assert load_trained(out).generate(cell_rows(), max_new_tokens=5) == load_trained(adapter_dir).generate(
-        cell_rows(), max_new_tokens=5)
+    assert texts(load_trained(out), cell_rows(), 5) == texts(load_trained(adapter_dir), cell_rows(), 5)
 
 
 def test_push_uploads_that_folder_through_huggingface_hub(adapter_dir, monkeypatch):
@@ -137,6 +144,7 @@ def test_export_merge_gives_a_plain_model_with_the_same_captions(adapter_dir, tm
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     BlipForConditionalGeneration.from_pretrained(out)  # standalone: no PEFT needed
     merged, adapter = load_trained(out), load_trained(adapter_dir)
-    assert merged.generate(cell_rows(), max_new_tokens=8) == adapter.generate(cell_rows(), max_new_tokens=8)
-    assert json.loads((out / "training.json").read_text())["merged_from"] == str(adapter_dir)
+    assert texts(merged, cell_rows(), 8) == texts(adapter, cell_rows(), 8)
+    info = read_model_info(out)
+    assert info.training["merged_from"] == str(adapter_dir) and not info.adapter and info.base_model is None
     assert main(["export", str(out), "--merge", "--out", str(tmp_path / "again")]) == 2  # nothing to merge

@@ -21,6 +21,15 @@ HEMBLIP_TARGETS = ["crossattention.self.query", "crossattention.self.key", "cros
                    "crossattention.output.dense"]
 
 
+def texts(backend, rows, max_new_tokens):
+    """Greedy captions through the engine (the one decoding path)."""
+    from hemcap.engine import CaptionEngine, EngineSettings
+
+    settings = EngineSettings(max_new_tokens=max_new_tokens, device="cpu")
+    return [c.text for c in CaptionEngine(backend, settings=settings).caption_rows(rows)]
+
+
+
 @pytest.fixture(scope="module")
 def captions():
     rng = np.random.default_rng(0)
@@ -106,11 +115,11 @@ def test_blip_loss_ignores_padding(blip, captions):
 
 
 def test_blip_generates_text_and_reloads(blip, captions, tmp_path):
-    before = blip.generate(rows(captions), max_new_tokens=5)
+    before = texts(blip, rows(captions), 5)
     assert len(before) == 3 and all(isinstance(t, str) for t in before)
     blip.save(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()
-    assert load_trained(tmp_path / "m").generate(rows(captions), max_new_tokens=5) == before
+    assert texts(load_trained(tmp_path / "m"), rows(captions), 5) == before
 
 
 # ------------------------------------------------------------------------------ chat (Gemma 3 class)
@@ -131,16 +140,16 @@ def test_chat_labels_cover_the_answer_only(chat, captions):
 
 def test_chat_prompt_holds_system_prompt_and_image(chat):
     text = chat.processor.apply_chat_template(chat.messages(), tokenize=False, add_generation_prompt=True)
-    assert chat.settings["system_prompt"] in text and "<start_of_image>" in text
+    assert chat.info.system_prompt in text and "<start_of_image>" in text
     assert text.endswith("<start_of_turn>model\n")
 
 
 def test_chat_generates_and_reloads(chat, captions, tmp_path):
-    before = chat.generate(rows(captions), max_new_tokens=4)
+    before = texts(chat, rows(captions), 4)
     chat.save(tmp_path / "chat")
     again = load_trained(tmp_path / "chat")
-    assert again.kind == "chat" and again.settings["prompt"] == chat.settings["prompt"]
-    assert again.generate(rows(captions), max_new_tokens=4) == before
+    assert again.kind == "chat" and again.info.prompt == chat.info.prompt
+    assert texts(again, rows(captions), 4) == before
 
 
 # ------------------------------------------------------------------------------ LoRA
@@ -213,11 +222,11 @@ def test_scratch_lora_adapter_reloads_with_its_base(captions, tmp_path):
             if "lora_B" in name:
                 param.normal_(0, 0.5)
     backend.model.eval()
-    expected = backend.generate(rows(captions), max_new_tokens=6)
+    expected = texts(backend, rows(captions), 6)
     backend.save(tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     assert (tmp_path / "adapter" / "base_model" / "model.safetensors").is_file()
-    assert load_trained(tmp_path / "adapter").generate(rows(captions), max_new_tokens=6) == expected
+    assert texts(load_trained(tmp_path / "adapter"), rows(captions), 6) == expected
 
 
 # ------------------------------------------------------------------------------ QLoRA

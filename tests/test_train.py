@@ -12,6 +12,7 @@ import yaml
 
 from hemcap import checkpoint, inputs
 from hemcap.config import RunConfig
+from hemcap.models import read_model_info
 from hemcap.recipes import load_prepared, prepare_synthetic
 from hemcap.train import LOG_FILE, NonFiniteLoss, fit
 
@@ -20,6 +21,15 @@ HEMBLIP_TARGETS = ["crossattention.self.query", "crossattention.self.key", "cros
                    "crossattention.output.dense"]
 # On a shared 2-core machine, OpenMP threads that spin while waiting make tiny ops ~100x slower.
 QUIET_THREADS = {"OMP_WAIT_POLICY": "PASSIVE", "HF_HUB_OFFLINE": "1"}
+
+
+def texts(backend, rows, max_new_tokens):
+    """Greedy captions through the engine (the one decoding path)."""
+    from hemcap.engine import CaptionEngine, EngineSettings
+
+    settings = EngineSettings(max_new_tokens=max_new_tokens, device="cpu")
+    return [c.text for c in CaptionEngine(backend, settings=settings).caption_rows(rows)]
+
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +93,7 @@ def test_checkpoints_keep_last_n_and_the_best(data, tmp_path):
     kept = {p.name for p in checkpoint.list_checkpoints(out / "checkpoints")}
     assert kept == {"step-00000006", checkpoint.checkpoint_name(state["best_step"])}
     assert [h["step"] for h in state["history"]] == [2, 4, 6]
-    summary = json.loads((out / "model" / "training.json").read_text())
+    summary = read_model_info(out / "model").training
     assert summary["best_step"] == state["best_step"] and "attribute_accuracy" in summary["metrics"]
     assert not list((out / "checkpoints").glob(".*")), "no staging dirs left behind"
     tb_events = list((out / "tb").rglob("events.out.tfevents.*"))
@@ -131,7 +141,7 @@ def test_chat_model_trains_through_the_cli(data, tmp_path):
     backend = load_trained(tmp_path / "chat" / "model")
     assert backend.kind == "chat" and (tmp_path / "chat" / "model" / "adapter_config.json").is_file()
     dataset, _ = load_prepared(data)
-    assert len(backend.generate([{"image": dataset["test"][0]["image"]}], max_new_tokens=3)) == 1
+    assert len(texts(backend, [{"image": dataset["test"][0]["image"]}], 3)) == 1
 
 
 @pytest.mark.slow
@@ -166,7 +176,7 @@ def test_accelerate_launch_blip_tiny_end_to_end(tmp_path, lora):
         assert (model_dir / "model.safetensors").is_file()
     ids = model.generate(**processor(images=image, return_tensors="pt"), max_new_tokens=8)
     assert isinstance(processor.decode(ids[0], skip_special_tokens=True), str) and ids.shape[1] > 1
-    summary = json.loads((model_dir / "training.json").read_text())
+    summary = read_model_info(model_dir).training
     assert summary["lora"] is lora and summary["steps"] == 24
 
 
@@ -179,7 +189,7 @@ def test_early_stopping_and_the_time_budget(data, tmp_path, monkeypatch):
     out = tmp_path / "patience"
     fit(tiny_blip(data, out, max_steps=10, eval_every=2, save_every=None, patience=2))
     assert max(losses(out)) == 6  # best at 2, no better at 4 and 6: stop
-    assert json.loads((out / "model" / "training.json").read_text())["best_step"] == 2
+    assert read_model_info(out / "model").training["best_step"] == 2
 
     out = tmp_path / "budget"
     fit(tiny_blip(data, out, max_steps=10, max_minutes=1e-6))
@@ -204,11 +214,114 @@ def test_precision_defaults_to_fp32_on_cpu_and_fp16_needs_cuda():
 def test_the_base_takes_the_precision_under_lora_and_adapters_stay_fp32(data, tmp_path, precision, lora, base_dtype):
     from types import SimpleNamespace
 
+    from hemcap.schema import load_schema
     from hemcap.train import build_backend
 
     cfg = tiny_blip(data, tmp_path, lora)
     split = load_prepared(data)[0]["train"]
-    backend = build_backend(cfg, split, precision, tmp_path, None, SimpleNamespace(is_main_process=True))
+    backend = build_backend(cfg, split, load_schema("wbcatt"), precision, tmp_path, None,
+                            SimpleNamespace(is_main_process=True))
     for name, param in backend.model.named_parameters():
         expected = torch.float32 if param.requires_grad else base_dtype
         assert param.dtype == expected, name
+
+
+# ------------------------------------------------------------------------------ a model knows its schema
+
+
+def schema_dataset(root: Path, schema_ref, n: int = 24) -> Path:
+    """A prepared dataset from a CSV in schema ``schema_ref`` (a name or a YAML path): random attribute
+    values, small random images."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from hemcap.recipes import prepare_csv
+    from hemcap.schema import load_schema
+
+    schema, rng = load_schema(schema_ref), np.random.default_rng(0)
+    columns = [schema.fields[name].column for name in schema.field_names]
+    rows = []
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / f"cell{i}.png")
+        values = [schema.values(name)[rng.integers(len(schema.values(name)))] for name in schema.field_names]
+        rows.append([f"cell{i}.png", "train" if i < n - 8 else ("validation" if i < n - 4 else "test"), *values])
+    with open(root / "cells.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["path", "split", *columns], *rows])
+    return prepare_csv(root / "cells.csv", root / "data", schema=schema_ref, n_paraphrases=1)
+
+
+def own_schema(folder: Path):
+    """A lab's own schema YAML (wbcatt's fields under another name, one extra synonym), and its path."""
+    from hemcap.schema import load_schema
+
+    raw = yaml.safe_load((REPO / "data_recipes" / "wbcatt.yaml").read_text())
+    raw["name"] = "mylab"
+    raw["fields"]["cell_type"]["values"]["Neutrophil"].append("segmented granulocyte")
+    path = folder / "mylab.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path, load_schema(path)
+
+
+@pytest.mark.parametrize("which", ["leukemiaattri", "own_yaml"])
+def test_a_checkpoint_moved_elsewhere_captions_and_parses_with_its_own_schema(tmp_path, which):
+    import shutil
+
+    from PIL import Image
+
+    from hemcap.captions import render
+    from hemcap.cli import main
+    from hemcap.engine import CaptionEngine
+    from hemcap.schema import load_schema
+
+    (tmp_path / "lab").mkdir()
+    if which == "own_yaml":
+        yaml_path, schema = own_schema(tmp_path)
+    else:
+        yaml_path, schema = "leukemiaattri", load_schema("leukemiaattri")
+    data = schema_dataset(tmp_path / "lab", yaml_path)
+    fit(tiny_blip(data, tmp_path / "run", max_steps=4, save_every=None, eval_every=2, keep_last=3))
+    moved = tmp_path / "elsewhere" / "step-2"
+    shutil.copytree(tmp_path / "run" / "checkpoints" / "step-00000002", moved)  # mid-run, not the final model
+    if which == "own_yaml":
+        yaml_path.unlink()
+
+    engine = CaptionEngine.from_dir(moved)  # the checkpoint folder itself loads as a model
+    assert engine.schema.name == schema.name and engine.schema.field_names == schema.field_names
+    example = {name: schema.values(name)[-1] for name in schema.field_names}
+    assert engine.parser.parse(render(example, schema)) == example  # the embedded vocabulary, not wbcatt's
+    (caption,) = engine.caption([Image.open(tmp_path / "lab" / "cell0.png")])
+    assert set(caption.attributes) == set(schema.field_names)
+    assert main(["caption", str(tmp_path / "lab" / "cell0.png"), "--cell", "--model", str(moved),
+                 "--out", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "cell0.json").read_text())
+    assert set(report["cells"][0]["attributes"]) == set(schema.field_names)
+
+
+def test_a_folder_without_model_info_fails_with_one_sentence(tmp_path, capsys):
+    from hemcap.cli import main
+
+    (tmp_path / "weights").mkdir()
+    (tmp_path / "weights" / "config.json").write_text("{}")
+    assert main(["caption", str(REPO / "demo" / "examples" / "cell_neutrophil.png"), "--model",
+                 str(tmp_path / "weights"), "--out", str(tmp_path / "out")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.count("\n") == 0 and f"{tmp_path / 'weights'} is not a hemcap model folder" in error
+    assert "hemcap_model.json" in error
+
+
+def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path):
+    from hemcap.cli import main
+
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out, max_steps=4, save_every=None))
+    validation = read_model_info(out / "model").training["metrics"]
+    assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--split", "validation",
+                 "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    faith = metrics["faithfulness"]
+    assert validation["attribute_accuracy"] == faith["attribute_mean"]["accuracy"]
+    assert validation["cell_type_accuracy"] == faith["fields"]["cell_type"]["accuracy"]
+    assert validation["cider"] == metrics["caption"]["cider_d"]
+    assert validation["bleu_4"] == metrics["caption"]["bleu_4"]

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from hemcap import attention
-from hemcap.attention import fast_attention
+from hemcap.models import blip_attention as attention
+from hemcap.models.blip_attention import fast_attention
 from conftest import TINY_BLIP
 
 

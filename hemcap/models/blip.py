@@ -1,0 +1,153 @@
+"""BLIP: ``BlipForConditionalGeneration`` with its ``BlipProcessor``.
+
+The caption is the decoder's whole text; it starts from ``bos_token_id`` as ``generate()`` does.
+Captioning encodes images in chunks of ``vision_chunk`` and decodes the features of
+``decode_chunk`` images at once, through ``blip_attention.fast_attention`` (same greedy ids as
+transformers' eager code, faster on a CPU). ``init: scratch`` builds random weights and a
+WordPiece tokenizer trained on the training captions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+from hemcap.models.base import IGNORE_INDEX, BaseBackend, ModelError, load_hf_model, model_device, token_logprobs
+
+if TYPE_CHECKING:
+    from hemcap.config import ModelConfig
+
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+class BlipBackend(BaseBackend):
+    kind = "blip"
+    model_types = ("blip",)
+    title = "BLIP captioning model"
+    pipeline_tag = "image-to-text"
+    vision_prefixes = ("vision_model",)
+
+    @classmethod
+    def build_scratch(cls, cfg: ModelConfig, captions: list[str]):
+        from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+        tokenizer = train_wordpiece(captions, cfg.vocab_size)
+        special = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.cls_token_id,  # the decoder starts from [CLS], as the tokenizer does
+                       sep_token_id=tokenizer.sep_token_id, eos_token_id=tokenizer.sep_token_id)
+        # BlipVisionConfig's initializer_range of 1e-10 would start position and class embeddings at ~0.
+        vision = {"initializer_range": 0.02, **cfg.vision_config}
+        config = BlipConfig(vision_config=vision, text_config={**cfg.text_config, **special}, **cfg.config_overrides)
+        size = config.vision_config.image_size
+        processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
+                                  tokenizer=tokenizer)
+        return BlipForConditionalGeneration(config), processor
+
+    @classmethod
+    def load_model(cls, name_or_path, dtype=None, quantize=None, revision=None, trust_remote_code=False):
+        from transformers import BlipForConditionalGeneration
+
+        return load_hf_model(BlipForConditionalGeneration, name_or_path, dtype, quantize, revision, trust_remote_code)
+
+    def configure(self, cfg: ModelConfig) -> None:
+        self.check_special_tokens()
+        self.model.text_decoder.label_smoothing = cfg.label_smoothing  # read at init; set it for loaded models too
+        super().configure(cfg)
+
+    def check_special_tokens(self) -> None:
+        """BLIP starts from bos_token_id, stops at sep_token_id and pads with pad_token_id: all must be the tokenizer's."""
+        text, tok = self.model.config.text_config, self.tokenizer
+        problems = []
+        if text.pad_token_id != tok.pad_token_id:
+            problems.append(f"pad_token_id {text.pad_token_id} != tokenizer pad {tok.pad_token!r} ({tok.pad_token_id})")
+        if text.sep_token_id != tok.sep_token_id:
+            problems.append(f"sep_token_id {text.sep_token_id} != tokenizer sep {tok.sep_token!r} ({tok.sep_token_id})")
+        if text.bos_token_id is None or not 0 <= text.bos_token_id < text.vocab_size:
+            problems.append(f"bos_token_id {text.bos_token_id} is not in the vocabulary (size {text.vocab_size})")
+        if len(tok) > text.vocab_size:
+            problems.append(f"tokenizer has {len(tok)} tokens but the decoder only {text.vocab_size}")
+        if problems:
+            raise ModelError("BLIP text config does not match its tokenizer: " + "; ".join(problems))
+
+    def collate(self, rows: Sequence[dict], train: bool) -> dict:
+        batch = {"pixel_values": self.pixel_values(rows)}
+        if not train:
+            return batch
+        encoded = self.tokenizer([r["caption"] for r in rows], padding="longest", truncation=True,
+                                 max_length=self.info.max_length, return_tensors="pt")
+        input_ids = encoded["input_ids"]
+        input_ids[:, 0] = self.model.config.text_config.bos_token_id  # generate() starts from it too
+        batch.update(input_ids=input_ids, attention_mask=encoded["attention_mask"],
+                     labels=input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX))
+        return batch
+
+    def generate_scored(self, rows: Sequence[dict], settings):
+        features = self.encode_images(self.pixel_values(rows), settings.vision_chunk)
+        return self.decode(features, settings.max_new_tokens, settings.num_beams, settings.min_new_tokens)
+
+    def vision_chunk(self) -> int:
+        """Images per vision-tower call: on a CPU, as many as keep one layer's activations within 4 MiB.
+
+        That gives 2 at BLIP-base (577 tokens x 768, 1.8 MiB per image; batches of 8 ran 30 %
+        slower per image) and 32 at the small 128 px model (65 x 256), as fast as 16 there
+        (eval/bench_captioning.py). On a GPU, one large batch.
+        """
+        vision = self.model.config.vision_config
+        if model_device(self.model).type != "cpu":
+            return 64
+        tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+        per_image = tokens * vision.hidden_size * 4
+        return max(1, min(64, 2 ** int(math.log2(max(1, (4 << 20) // per_image)))))
+
+    def encode_images(self, pixel_values, chunk: int | None = None):
+        """Vision features, ``chunk`` images per vision-tower call."""
+        import torch
+
+        from hemcap.models.blip_attention import fast_attention
+
+        device, chunk = model_device(self.model), chunk or self.vision_chunk()
+        with fast_attention(self.model):
+            parts = [self.model.vision_model(pixel_values=pixel_values[i : i + chunk].to(device))[0]
+                     for i in range(0, len(pixel_values), chunk)]
+        return torch.cat(parts)
+
+    def decode(self, image_embeds, max_new_tokens: int, num_beams: int = 1, min_new_tokens: int = 0):
+        """(new token ids, their log-probabilities) for encoded images, decoded as BLIP's generate does."""
+        import torch
+
+        from hemcap.models.blip_attention import fast_attention
+
+        text = self.model.config.text_config
+        bos = torch.full((len(image_embeds), 1), text.bos_token_id, dtype=torch.long, device=image_embeds.device)
+        image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device)
+        with fast_attention(self.model):
+            out = self.model.text_decoder.generate(
+                input_ids=bos, eos_token_id=text.sep_token_id, pad_token_id=text.pad_token_id,
+                encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, num_beams=num_beams, do_sample=False,
+                output_scores=True, return_dict_in_generate=True)
+        return out.sequences[:, 1:], token_logprobs(self.model.text_decoder, out, num_beams)
+
+
+def train_wordpiece(texts: Sequence[str], vocab_size: int):
+    """A lower-case BERT WordPiece tokenizer for ``texts`` ([PAD]=0, [UNK], [CLS], [SEP], [MASK]).
+
+    The vocabulary is every character (alone and as a ``##`` continuation), then whole words by
+    frequency up to ``vocab_size``: a caption vocabulary is a few hundred words, so captions stay
+    short. Built by counting rather than with ``tokenizers``' WordPieceTrainer, which breaks ties
+    differently from run to run, so the same captions always give the same token ids.
+    """
+    from collections import Counter
+
+    from tokenizers import normalizers, pre_tokenizers
+    from transformers import BertTokenizer
+
+    normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts = Counter(word for text in texts
+                     for word, _ in splitter.pre_tokenize_str(normalizer.normalize_str(text)))
+    chars = sorted({c for word in counts for c in word})
+    vocab = BERT_SPECIAL_TOKENS + chars + ["##" + c for c in chars]
+    known = set(vocab)
+    words = [w for w, _ in sorted(counts.items(), key=lambda item: (-item[1], item[0])) if w not in known]
+    vocab += words[: max(0, vocab_size - len(vocab))]
+    return BertTokenizer(vocab={token: i for i, token in enumerate(vocab)})
