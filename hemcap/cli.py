@@ -342,7 +342,7 @@ def _add_detect(sub) -> None:
 
 
 def _run_detect(args) -> int:
-    from hemcap.detect import build_detector, write_detections
+    from hemcap.smear.detect import build_detector, write_detections
 
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.scale, min_score=args.min_score)
     out, results = write_detections(args.images, args.out, detector, crop_size=args.crop_size or None,
@@ -392,9 +392,9 @@ def _add_caption(sub) -> None:
 
 
 def _run_caption(args) -> int:
-    from hemcap.detect import build_detector
+    from hemcap.smear.detect import build_detector
     from hemcap.engine import CaptionEngine
-    from hemcap.pipeline import SmearPipeline, process_images, process_state, summary_lines
+    from hemcap.smear.pipeline import SmearPipeline, process_images, process_state, summary_lines
 
     engine = CaptionEngine.from_dir(args.model, **_engine_options(args))
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)

@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from hemcap.cli import main
-from hemcap.detect import (CocoPredictions, Detection, StainDetector, StainDetectorConfig, YoloPredictions,
-                           build_detector, crop_cells, detect, read_yolo, write_detections)
+from hemcap.smear.detect import (CocoPredictions, Detection, StainDetector, StainDetectorConfig, YoloPredictions,
+                                 build_detector, crop_cells, detect, read_yolo, write_detections)
 from hemcap.synthetic import draw_smear
 
 SYNTHETIC = StainDetectorConfig(scale=0.6)  # hemcap.synthetic red cells are ~57 px across, BCCD's ~100

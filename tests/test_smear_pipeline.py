@@ -16,9 +16,9 @@ import pytest
 from PIL import Image
 
 from hemcap.captions import render
-from hemcap.detect import Detection, StainDetector, StainDetectorConfig, YoloPredictions
+from hemcap.smear.detect import Detection, StainDetector, StainDetectorConfig, YoloPredictions
 from hemcap.engine import Caption
-from hemcap.pipeline import (
+from hemcap.smear.pipeline import (
     REPORT_KEYS, UNCLASSIFIED, CellReport, SmearPipeline, SmearReport, cell_flags, counts_table, differential,
     draw_overlay, is_complete, looks_like_cell, merge_summary, output_stems, process_images, read_report,
     write_report,
@@ -308,7 +308,7 @@ def test_merge_summary_joins_the_processes_shares(pipeline, smears, tmp_path):
     """What the main process does after ``wait_for_everyone``: each process's outcomes plus the
     reports on disk (also those of an earlier run) make one summary."""
     from hemcap.images import iter_images
-    from hemcap.pipeline import process_one
+    from hemcap.smear.pipeline import process_one
 
     entries = list(iter_images([smears / "JPEGImages", tmp_path / "missing.jpg"]))
     images = [path for path, note in entries if note is None]

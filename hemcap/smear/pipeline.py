@@ -44,7 +44,7 @@ from typing import Iterable, Sequence
 
 from PIL import Image
 
-from hemcap.detect import Detection, Detector, StainDetector, as_pil_rgb, crop_cells
+from hemcap.smear.detect import Detection, Detector, StainDetector, as_pil_rgb, crop_cells
 from hemcap.fileio import save_image, write_json
 from hemcap.images import square_crop
 
