@@ -31,8 +31,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from hemcap.smear.detect import Detection, Detector, StainDetector, StainDetectorConfig  # noqa: E402
 from hemcap.images import load_rgb  # noqa: E402
+from hemcap.smear import Detection, Detector, StainDetector, StainDetectorConfig  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 LABEL = "WBC"
