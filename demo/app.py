@@ -34,9 +34,9 @@ import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hemcap import review  # noqa: E402
-from hemcap.detect import Detection, StainDetector, StainDetectorConfig, crop_cells  # noqa: E402
 from hemcap.images import ImageError, load_rgb  # noqa: E402
-from hemcap.pipeline import SmearPipeline, SmearReport, draw_overlay  # noqa: E402
+from hemcap.smear import (Detection, SmearPipeline, SmearReport, StainDetector, StainDetectorConfig,  # noqa: E402
+                          crop_cells, draw_overlay)
 
 log = logging.getLogger("hemcap.demo")
 

@@ -9,7 +9,7 @@ Figures are printed twice: on the whole split, and on the smears with at least o
 Four test smears (BloodImage_00135, 00171, 00178, 00327) show a white cell that carries no label,
 so a correct detection there counts as a false positive; the second set leaves them out.
 
-The detector's defaults (hemcap.detect.StainDetectorConfig) were chosen with --tune on the train
+The detector's defaults (hemcap.smear.detect.StainDetectorConfig) were chosen with --tune on the train
 split only. --tune refuses the test split.
 """
 
@@ -31,8 +31,8 @@ from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from hemcap.detect import Detection, Detector, StainDetector, StainDetectorConfig  # noqa: E402
 from hemcap.images import load_rgb  # noqa: E402
+from hemcap.smear import Detection, Detector, StainDetector, StainDetectorConfig  # noqa: E402
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
 LABEL = "WBC"

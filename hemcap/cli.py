@@ -342,17 +342,17 @@ def _add_detect(sub) -> None:
 
 
 def _run_detect(args) -> int:
-    from hemcap.detect import build_detector, write_detections
+    from hemcap.smear import build_detector, write_detections
 
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.scale, min_score=args.min_score)
-    out, results = write_detections(args.images, args.out, detector, crop_size=args.crop_size or None,
+    out, summary = write_detections(args.images, args.out, detector, crop_size=args.crop_size or None,
                                     margin=args.margin, overwrite=args.overwrite, max_pixels=args.max_pixels)
-    failed = [r for r in results if r.error and not r.skipped]
-    for result in failed:
-        print(f"could not read {result.path}: {result.error}", file=sys.stderr)
-    read = [r for r in results if not r.error]
-    print(f"files: {len(read)} read, {len(failed)} unreadable, {len(results) - len(read) - len(failed)} not images; "
-          f"{sum(len(r.detections) for r in read)} cells; wrote {out} (problems.json lists each problem)")
+    failed = [problem for problem in summary["problems"] if "error" in problem]
+    for problem in failed:
+        print(f"could not read {problem['file']}: {problem['error']}", file=sys.stderr)
+    read, skipped = summary["per_image"], sum("skipped" in problem for problem in summary["problems"])
+    print(f"files: {len(read)} read, {len(failed)} unreadable, {skipped} not images; "
+          f"{sum(row['cells'] for row in read)} cells; wrote {out} (problems.json lists each problem)")
     return 0
 
 
@@ -392,9 +392,8 @@ def _add_caption(sub) -> None:
 
 
 def _run_caption(args) -> int:
-    from hemcap.detect import build_detector
     from hemcap.engine import CaptionEngine
-    from hemcap.pipeline import SmearPipeline, process_images, process_state, summary_lines
+    from hemcap.smear import SmearPipeline, build_detector, process_images, process_state, summary_lines
 
     engine = CaptionEngine.from_dir(args.model, **_engine_options(args))
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)

@@ -19,7 +19,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CONFIGS = {"synthetic": "quickstart.yaml", "wbcatt": "blip_small_scratch.yaml"}
-SYNTHETIC_SMEAR_SCALE = 0.6  # synthetic red cells are ~57 px across against BCCD's ~100 (hemcap.detect)
+SYNTHETIC_SMEAR_SCALE = 0.6  # synthetic red cells are ~57 px across against BCCD's ~100 (hemcap.smear.detect)
 RUN_PREFIX = "quickstart-"
 
 
@@ -110,9 +110,8 @@ def evaluate_model(model_dir: Path, data_dir: Path, run_dir: Path) -> dict:
 
 def caption_smears(model_dir: Path, run_dir: Path, seed: int, n: int = 2) -> list[Path]:
     """Two synthetic smears through detector, engine and parser: per-smear reports and overlays."""
-    from hemcap.detect import StainDetector, StainDetectorConfig
     from hemcap.engine import CaptionEngine
-    from hemcap.pipeline import SmearPipeline, process_images
+    from hemcap.smear import SmearPipeline, StainDetector, StainDetectorConfig, process_images
     from hemcap.synthetic import write_smears
 
     smears = write_smears(run_dir / "smears" / "input", n=n, seed=seed)

@@ -117,7 +117,7 @@ def cell_table(cell, schema, min_confidence: float) -> Table:
 
 def differential_table(report) -> Table:
     """Cell type, count and percentage: every type of the schema, unclassified only when present."""
-    from hemcap.pipeline import UNCLASSIFIED
+    from hemcap.smear import UNCLASSIFIED
 
     table = Table(["Cell type", "Count", "%"], [], [])
     for name, row in report.differential.items():

@@ -13,7 +13,7 @@ import pytest
 
 from hemcap import review
 from hemcap.cli import _import_demo_app, main
-from hemcap.pipeline import CellReport, SmearReport
+from hemcap.smear import CellReport, SmearReport
 from hemcap.schema import load_schema
 
 gr = pytest.importorskip("gradio", reason="the demo needs gradio (pip install -e '.[demo]')")
@@ -191,7 +191,7 @@ def test_single_cell_table_lists_every_field_once():
 
 
 def test_differential_table_hides_an_empty_unclassified_row():
-    from hemcap.pipeline import differential
+    from hemcap.smear import differential
 
     cells = [cell(1), cell(2)]
     report = SmearReport("s.jpg", 10, 10, cells, differential(cells, SCHEMA.values("cell_type"), "cell_type"), [], [])

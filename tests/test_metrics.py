@@ -26,6 +26,7 @@ from hemcap.metrics import (
     score_predictions,
     write_predictions,
 )
+from hemcap.metrics import captions as caption_scores
 from hemcap.schema import load_schema
 
 EVAL_METRICS = Path(__file__).resolve().parents[1] / "eval" / "metrics"
@@ -146,11 +147,11 @@ def test_ptb_tokenizer_and_its_regex_fallback_agree_on_hemcap_captions():
     for k in range(40):
         attributes = {n: rng.choice(f.values) for n, f in schema.fields.items()}
         texts += [render(attributes, schema, k % len(schema.templates)), paraphrase(attributes, schema, seed=k)]
-    assert ptb_tokenize(texts)[0] == [metrics._regex_tokenize(t) for t in texts]
+    assert ptb_tokenize(texts)[0] == [caption_scores._regex_tokenize(t) for t in texts]
 
 
 def test_without_java_tokenizes_by_regex_and_notes_meteor(monkeypatch):
-    monkeypatch.setattr(metrics.shutil, "which", lambda name: None)
+    monkeypatch.setattr(caption_scores.shutil, "which", lambda name: None)
     result = caption_metrics(["A large, round cell."], [["a large round cell"]])
     assert result["tokenizer"].startswith("regex") and result["meteor"] is None
     assert any("needs Java" in note for note in result["notes"])

@@ -1,4 +1,4 @@
-"""The weight-free detector on synthetic and BCCD smears, the prediction adapters, crops and batches."""
+"""The weight-free detector on synthetic and BCCD smears, the prediction adapters and crops."""
 
 import json
 
@@ -6,9 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemcap.cli import main
-from hemcap.detect import (CocoPredictions, Detection, StainDetector, StainDetectorConfig, YoloPredictions,
-                           build_detector, crop_cells, detect, read_yolo, write_detections)
+from hemcap.smear import (CocoPredictions, Detection, StainDetector, StainDetectorConfig, YoloPredictions,
+                          build_detector, crop_cells, detect, read_yolo)
 from hemcap.synthetic import draw_smear
 
 SYNTHETIC = StainDetectorConfig(scale=0.6)  # hemcap.synthetic red cells are ~57 px across, BCCD's ~100
@@ -117,69 +116,6 @@ def test_coco_adapter_reads_results_lists(tmp_path):
     assert CocoPredictions(tmp_path / "results.json")(image, path="smear9.png")[0].box == (1.0, 2.0, 4.0, 6.0)
     with pytest.raises(ValueError, match="not among"):
         CocoPredictions(images, categories=["Platelet"])
-
-
-def test_write_detections_round_trips_through_the_coco_adapter(tmp_path):
-    smear, cells = draw_smear(0)
-    smear.save(tmp_path / "smear.png")
-    out, results = write_detections([tmp_path / "smear.png"], tmp_path / "out", StainDetector(SYNTHETIC), crop_size=96)
-    coco = json.loads((out / "detections.json").read_text())
-    assert len(coco["annotations"]) == len(results[0].detections) == len(cells)
-    assert all((out / ann["crop"]).is_file() for ann in coco["annotations"])
-    assert Image.open(out / coco["annotations"][0]["crop"]).size == (96, 96)
-    again = CocoPredictions(out / "detections.json")(smear, path=tmp_path / "smear.png")
-    assert np.allclose([d.box for d in again], [d.box for d in results[0].detections], atol=0.01)
-
-
-def _mixed_folder(folder):
-    """A smear, a no-cell image, grayscale, RGBA, 16-bit, CMYK, corrupt, huge, text and a sub-folder."""
-    folder.mkdir()
-    smear, _ = draw_smear(7)
-    smear.save(folder / "smear.jpg", quality=92)
-    Image.new("RGB", (64, 48), (235, 230, 225)).save(folder / "empty.png")
-    smear.convert("L").save(folder / "gray.png")
-    smear.convert("RGBA").save(folder / "alpha.png")
-    Image.fromarray((np.asarray(smear.convert("L"), np.uint16) * 257)).save(folder / "deep.png")
-    smear.convert("CMYK").save(folder / "cmyk.jpg")
-    (folder / "broken.jpg").write_bytes((folder / "smear.jpg").read_bytes()[:2000])
-    Image.new("RGB", (1200, 1000)).save(folder / "huge.png")
-    (folder / "labels.csv").write_text("a,b\n")
-    (folder / "sub").mkdir()
-    smear.save(folder / "sub" / "smear.jpg", quality=92)  # same stem as the first one
-
-
-def test_batch_reports_each_bad_file_and_goes_on(tmp_path):
-    _mixed_folder(tmp_path / "in")
-    detector = StainDetector(SYNTHETIC)
-    out, results = write_detections([tmp_path / "in"], tmp_path / "out", detector, crop_size=64, max_pixels=1_000_000)
-    by_name = {r.path.relative_to(tmp_path / "in").as_posix(): r for r in results}
-    assert "corrupt or truncated" in by_name["broken.jpg"].error
-    assert "exceeds the limit of 1,000,000" in by_name["huge.png"].error
-    assert "not an image" in by_name["labels.csv"].error and by_name["labels.csv"].skipped
-    assert by_name["empty.png"].error is None and by_name["empty.png"].detections == []
-    assert by_name["smear.jpg"].detections and by_name["sub/smear.jpg"].detections
-    assert by_name["cmyk.jpg"].detections and by_name["alpha.png"].detections
-    assert any("grayscale" in n for n in by_name["gray.png"].notes) and by_name["gray.png"].detections == []
-    assert any("16-bit" in n for n in by_name["deep.png"].notes)
-    problems = json.loads((out / "problems.json").read_text())
-    assert {p["file"].split("/")[-1] for p in problems if "error" in p} == {"broken.jpg", "huge.png"}
-    assert [p["file"].split("/")[-1] for p in problems if "skipped" in p] == ["labels.csv"]
-    crops = sorted(p.name for p in (out / "crops").iterdir())
-    assert any(name.startswith("smear-2_") for name in crops)  # the second smear.jpg does not overwrite the first
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        write_detections([tmp_path / "in"], out, detector)
-
-
-def test_cli_detect(tmp_path, capsys):
-    smear, cells = draw_smear(11)
-    smear.save(tmp_path / "smear.png")
-    (tmp_path / "junk.jpg").write_text("nope")
-    code = main(["detect", str(tmp_path / "smear.png"), str(tmp_path / "junk.jpg"), "--out", str(tmp_path / "o"),
-                 "--scale", "0.6", "--crop-size", "32"])
-    captured = capsys.readouterr()
-    assert code == 0 and f"files: 1 read, 1 unreadable, 0 not images; {len(cells)} cells" in captured.out
-    assert "junk.jpg" in captured.err
-    assert main(["detect", str(tmp_path / "smear.png"), "--out", str(tmp_path / "o")]) == 2  # exists
 
 
 def test_build_detector_choices(tmp_path):

@@ -1,6 +1,6 @@
 """Find the white blood cells on a smear image: a weight-free stain detector, a ``Detector``
-protocol other detectors plug into, adapters for predictions saved by other tools, square crops
-for the captioner, and COCO JSON output.
+protocol other detectors plug into (``hemcap.smear.saved`` adapts other tools' predictions), and
+square crops for the captioner.
 
 The stain detector needs no trained weights. It works on optical density relative to the slide
 background, ``OD_c = ln(background_c / I_c)``, through two contrasts of a Romanowsky stain:
@@ -24,20 +24,19 @@ granule rule checked on ``hemcap.synthetic`` smears; the test split gave only th
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Iterator, Protocol, Union
+from typing import Iterable, Protocol, Union
 
 import numpy as np
 from PIL import Image
 
-from hemcap.fileio import staging_dir, write_json
 from hemcap.images import background_colour, square_crop
 
 ImageLike = Union[Image.Image, np.ndarray]
 Box = tuple[float, float, float, float]
+NEEDS_COLOUR = "the stain detector needs colour, so it finds no cells in a grayscale image"
 
 
 @dataclass(frozen=True)
@@ -141,6 +140,21 @@ class StainDetector:
 def detect(image: ImageLike, config: StainDetectorConfig | None = None) -> list[Detection]:
     """White cells on a smear image with the weight-free stain detector."""
     return StainDetector(config)(image)
+
+
+def find_cells(detector: Detector, image: Image.Image, path: str | Path | None = None,
+               notes: list[str] | None = None) -> list[Detection]:
+    """``detector``'s cells; a note in ``notes`` says why when the stain detector finds none on a grey image."""
+    detections = detector(image, path=path)
+    if notes is not None and not detections and isinstance(detector, StainDetector) and is_grey(image):
+        notes.append(NEEDS_COLOUR)
+    return detections
+
+
+def is_grey(image: ImageLike) -> bool:
+    """Whether every pixel has equal red, green and blue: a grayscale picture, whatever its file's mode."""
+    pixels = np.asarray(as_pil_rgb(image))
+    return bool((pixels[..., 0] == pixels[..., 1]).all() and (pixels[..., 1] == pixels[..., 2]).all())
 
 
 def as_pil_rgb(image: ImageLike) -> Image.Image:
@@ -326,261 +340,3 @@ def crop_cells(image: ImageLike, detections: Iterable[Detection], size: int | No
     picture = as_pil_rgb(image)
     fill = background_colour(picture)
     return [square_crop(picture, d.box, margin, size, fill) for d in detections]
-
-
-# ------------------------------------------------------------------------------ predictions of other tools
-
-
-class YoloPredictions:
-    """Detections another tool saved in YOLO txt format: one ``<stem>.txt`` per image, one line per
-    box, ``class cx cy w h [score]`` in coordinates normalised to the image size. An image without a
-    file has no detections (YOLO writes no file then). ``classes`` keeps only those class ids."""
-
-    def __init__(self, directory: str | Path, classes: Collection[int] | None = None, label: str = "WBC"):
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise FileNotFoundError(f"YOLO predictions folder {self.directory} not found")
-        self.classes = None if classes is None else {int(c) for c in classes}
-        self.label = label
-
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
-        if path is None:
-            raise ValueError("YoloPredictions finds boxes by image file name: call it with path=")
-        file = self.directory / f"{Path(path).stem}.txt"
-        if not file.exists():
-            return []
-        return read_yolo(file, image_size(image), self.classes, self.label)
-
-
-def read_yolo(file: str | Path, size: tuple[int, int], classes: Collection[int] | None = None,
-              label: str = "WBC") -> list[Detection]:
-    """Boxes of one YOLO txt file, in pixels of an image of ``size`` (width, height)."""
-    found = []
-    for number, line in enumerate(Path(file).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        cls, box, score = _parse_yolo_line(line, f"{file}, line {number}")
-        if classes is None or cls in classes:
-            found.append(Detection(_yolo_box(box, size), score, label))
-    return found
-
-
-def _parse_yolo_line(line: str, where: str) -> tuple[int, list[float], float]:
-    parts = line.split()
-    if len(parts) not in (5, 6):
-        raise ValueError(f"{where}: expected 'class cx cy w h [score]', got {line.strip()!r}")
-    try:
-        cls, values = int(float(parts[0])), [float(v) for v in parts[1:]]
-    except ValueError:
-        raise ValueError(f"{where}: not numbers: {line.strip()!r}") from None
-    return cls, values[:4], values[4] if len(values) == 5 else 1.0
-
-
-def _yolo_box(cxcywh: list[float], size: tuple[int, int]) -> Box:
-    cx, cy, w, h = cxcywh
-    width, height = size
-    return ((cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height)
-
-
-class CocoPredictions:
-    """Detections another tool saved as COCO JSON, found by image file name.
-
-    Reads a dataset-style file (``images`` + ``annotations`` with a ``score``, as ``hemcap detect``
-    writes) or a results list (``[{"image_id", "category_id", "bbox", "score"}, ...]``); for a
-    results list, ``images`` names the dataset JSON mapping ids to file names, else an ``image_id``
-    must equal the file's stem (ultralytics' convention). ``categories`` keeps only those ids or names.
-    """
-
-    def __init__(self, file: str | Path, images: str | Path | None = None,
-                 categories: Collection[int | str] | None = None, label: str = "WBC"):
-        data = _read_json(Path(file))
-        names = _image_names(data if isinstance(data, dict) else _read_json(Path(images)) if images else {})
-        annotations = data.get("annotations", []) if isinstance(data, dict) else data
-        keep = _category_filter(data if isinstance(data, dict) else {}, categories)
-        self.by_name: dict[str, list[Detection]] = {}
-        for number, ann in enumerate(annotations):
-            if keep is None or ann.get("category_id") in keep:
-                name = names.get(ann.get("image_id"), str(ann.get("image_id")))
-                self.by_name.setdefault(name, []).append(_coco_detection(ann, f"{file}, annotation {number}", label))
-
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
-        if path is None:
-            raise ValueError("CocoPredictions finds boxes by image file name: call it with path=")
-        path = Path(path)
-        for key in (path.name, path.stem, str(path)):
-            if key in self.by_name:
-                return list(self.by_name[key])
-        return []
-
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"COCO file {path} not found") from None
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-
-
-def _image_names(data: dict) -> dict:
-    """image id -> file name (without folders), from a COCO dataset's ``images``."""
-    return {image["id"]: Path(image["file_name"]).name for image in data.get("images", [])}
-
-
-def _category_filter(data: dict, categories: Collection[int | str] | None) -> set | None:
-    if categories is None:
-        return None
-    by_name = {c.get("name"): c.get("id") for c in data.get("categories", [])}
-    unknown = [c for c in categories if isinstance(c, str) and c not in by_name]
-    if unknown:
-        raise ValueError(f"categories {unknown} are not among the file's categories {sorted(by_name)}")
-    return {by_name[c] if isinstance(c, str) else c for c in categories}
-
-
-def _coco_detection(ann: dict, where: str, label: str) -> Detection:
-    try:
-        x, y, w, h = (float(v) for v in ann["bbox"])
-        score = float(ann.get("score", 1.0))
-    except (KeyError, TypeError, ValueError):
-        raise ValueError(f"{where}: needs a 'bbox' [x, y, w, h] of numbers, got {ann.get('bbox')!r}") from None
-    return Detection((x, y, x + w, y + h), score, label)
-
-
-class MinScore:
-    """Another detector's detections scoring at least ``min_score``."""
-
-    def __init__(self, detector: Detector, min_score: float):
-        self.detector, self.min_score = detector, min_score
-
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
-        return [d for d in self.detector(image, path=path) if d.score >= self.min_score]
-
-
-def build_detector(yolo_dir: str | Path | None = None, coco_json: str | Path | None = None,
-                   scale: float = 1.0, min_score: float = 0.0) -> Detector:
-    """The detector the command line asks for: saved YOLO or COCO predictions, else the stain detector."""
-    if yolo_dir and coco_json:
-        raise ValueError("give saved predictions as YOLO txt or as COCO JSON, not both")
-    if yolo_dir or coco_json:
-        saved = YoloPredictions(yolo_dir) if yolo_dir else CocoPredictions(coco_json)
-        return MinScore(saved, min_score) if min_score > 0 else saved
-    return StainDetector(StainDetectorConfig(scale=scale, min_score=min_score))
-
-
-# ------------------------------------------------------------------------------ COCO output
-
-
-@dataclass
-class ImageResult:
-    """Detections of one image, or the error that stopped it."""
-
-    path: Path
-    size: tuple[int, int] | None = None  # (width, height)
-    detections: list[Detection] = field(default_factory=list)
-    error: str | None = None  # why the file was not read; None when it was
-    notes: list[str] = field(default_factory=list)  # conversions done while reading it
-    skipped: bool = False  # a folder's non-image file (by its name), passed over without opening
-
-
-def to_coco(results: Iterable[ImageResult], label: str = "WBC", crop_names: list[list[str]] | None = None) -> dict:
-    """A COCO detection dataset of the images that were read: boxes ``[x, y, w, h]`` with a score.
-    ``crop_names`` (one list per image read, one name per detection) adds a ``crop`` to each box."""
-    coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": label}]}
-    for result in (r for r in results if r.error is None):
-        image_id = len(coco["images"]) + 1
-        coco["images"].append({"id": image_id, "file_name": str(result.path),
-                               "width": result.size[0], "height": result.size[1]})
-        names = crop_names[image_id - 1] if crop_names else [None] * len(result.detections)
-        for d, name in zip(result.detections, names):
-            ann = _coco_annotation(len(coco["annotations"]) + 1, image_id, d)
-            coco["annotations"].append(ann if name is None else {**ann, "crop": name})
-    return coco
-
-
-def _coco_annotation(ann_id: int, image_id: int, d: Detection) -> dict:
-    x0, y0, x1, y1 = (round(float(v), 2) for v in d.box)
-    return {"id": ann_id, "image_id": image_id, "category_id": 1,
-            "bbox": [x0, y0, round(x1 - x0, 2), round(y1 - y0, 2)], "area": round((x1 - x0) * (y1 - y0), 2),
-            "iscrowd": 0, "score": float(d.score)}
-
-
-# ------------------------------------------------------------------------------ batches of files
-
-
-def detect_files(paths: Iterable[str | Path], detector: Detector | None = None,
-                 max_pixels: int | None = None) -> Iterator[ImageResult]:
-    """Run ``detector`` over image files and folders (expanded; other files skipped with a note).
-
-    Yields one ``ImageResult`` per file; a file that cannot be read or detected on carries its
-    ``error`` and the batch goes on.
-    """
-    for result, _ in _detect_each(paths, detector or StainDetector(), max_pixels):
-        yield result
-
-
-def _detect_each(paths, detector: Detector, max_pixels: int | None) -> Iterator[tuple[ImageResult, Image.Image | None]]:
-    from hemcap.images import MAX_PIXELS, NOT_AN_IMAGE, iter_images
-
-    for path, note in iter_images(paths):
-        if note is not None:
-            yield ImageResult(Path(path), error=note, skipped=note == NOT_AN_IMAGE), None
-        else:
-            yield _detect_file(Path(path), detector, max_pixels or MAX_PIXELS)
-
-
-def _detect_file(path: Path, detector: Detector, max_pixels: int) -> tuple[ImageResult, Image.Image | None]:
-    from hemcap.images import ImageError, load_rgb
-
-    notes: list[str] = []
-    try:
-        image = load_rgb(path, max_pixels=max_pixels, notes=notes)
-        detections = detector(image, path=path)
-    except ImageError as error:
-        return ImageResult(path, error=error.reason), None
-    except (ValueError, OSError) as error:  # a detector's complaint about this image only
-        return ImageResult(path, error=f"detection failed: {error}"), None
-    if isinstance(detector, StainDetector) and any("grayscale" in note for note in notes):
-        notes.append("the stain detector needs colour, so it finds no cells in a grayscale image")
-    return ImageResult(path, image.size, detections, notes=notes), image
-
-
-def write_detections(paths: Iterable[str | Path], out_dir: str | Path, detector: Detector | None = None,
-                     crop_size: int | None = 384, margin: float = 0.6, overwrite: bool = False,
-                     max_pixels: int | None = None) -> tuple[Path, list[ImageResult]]:
-    """Detect cells in every image and write ``out_dir`` atomically (a staging folder, then a rename):
-
-    - ``detections.json``: COCO boxes with scores for the images that were read; each
-      annotation names its crop;
-    - ``crops/<image stem>_<n>.png``: one square crop per cell, ``crop_size`` pixels a side;
-    - ``problems.json``: ``{"file", "error"}`` for each file that could not be read,
-      ``{"file", "skipped"}`` for a folder's other files, ``{"file", "note"}`` for conversions
-      (grayscale, 16-bit, alpha, CMYK).
-    """
-    out_dir = Path(out_dir)
-    with staging_dir(out_dir, overwrite) as staging:
-        results, crop_names = [], []
-        for result, image in _detect_each(paths, detector or StainDetector(), max_pixels):
-            results.append(result)
-            if image is not None:
-                crops = crop_cells(image, result.detections, crop_size, margin)
-                crop_names.append(_save_crops(staging / "crops", result.path.stem, crops))
-        write_json(staging / "detections.json", to_coco(results, crop_names=crop_names))
-        write_json(staging / "problems.json", _problems(results))
-    return out_dir, results
-
-
-def _save_crops(folder: Path, stem: str, crops: list[Image.Image]) -> list[str]:
-    folder.mkdir(parents=True, exist_ok=True)
-    prefix, copy = stem, 1
-    while crops and (folder / f"{prefix}_0.png").exists():  # two images with one stem
-        copy += 1
-        prefix = f"{stem}-{copy}"
-    names = [f"crops/{prefix}_{number}.png" for number in range(len(crops))]
-    for name, crop in zip(names, crops):
-        crop.save(folder.parent / name)
-    return names
-
-
-def _problems(results: list[ImageResult]) -> list[dict]:
-    rows = [{"file": str(r.path), "skipped" if r.skipped else "error": r.error} for r in results if r.error]
-    return rows + [{"file": str(r.path), "note": note} for r in results for note in r.notes]

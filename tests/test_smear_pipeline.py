@@ -1,0 +1,95 @@
+"""The smear pipeline: detect, crop and caption one image, as a smear or as one cell.
+
+A tiny random-weight BLIP stands in for a trained captioner (``conftest.py``): its captions are
+noise, so these tests check the pipeline's mechanics (cells found, crops, flags), not what the
+captions say. Synthetic smears carry the true cell boxes.
+"""
+
+import pytest
+
+from hemcap.engine import Caption
+from hemcap.smear import (CellReport, Detection, SmearPipeline, StainDetector, StainDetectorConfig, YoloPredictions,
+                          looks_like_cell)
+from hemcap.synthetic import draw_smear, make_cells
+
+SYNTHETIC = StainDetectorConfig(scale=0.6)  # synthetic smears: red cells ~60 px across, BCCD's ~100
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ------------------------------------------------------------------------------ single cells and the auto rule
+
+
+def test_run_cell_captions_the_whole_image(pipeline):
+    cell, _ = make_cells(1, seed=2, size=96)[0]
+    report = pipeline.run_cell(cell.crop((0, 10, 96, 86)), "cell.png")  # not square: padded, not stretched
+    assert report.kind == "cell" and len(report.cells) == 1
+    only = report.cells[0]
+    assert only.index == 1 and only.box is None and only.detector_score is None
+    assert only.crop.size == (64, 64)
+    assert set(only.attributes) == set(pipeline.engine.schema.field_names)
+    assert sum(row["count"] for row in report.differential.values()) == 1
+
+
+def test_auto_rule_tells_cells_from_smears():
+    detector = StainDetector(SYNTHETIC)
+    for size in (64, 128):
+        for image, _ in make_cells(6, seed=size, size=size):
+            assert looks_like_cell(image.size, detector(image)), f"a {size} px synthetic cell read as a smear"
+    for seed in range(6):
+        image, _ = draw_smear(seed)
+        assert not looks_like_cell(image.size, detector(image)), f"smear {seed} read as a cell"
+    for seed in range(3):  # a square tile of a smear: small or off-centre cells
+        image, _ = draw_smear(seed, size=(480, 480))
+        assert not looks_like_cell(image.size, detector(image)), f"square smear {seed} read as a cell"
+    empty, _ = draw_smear(0, n_wbc=0)
+    assert not looks_like_cell(empty.size, [])  # an empty 4:3 field stays a smear
+    filling = Detection((10.0, 5.0, 190.0, 145.0), 0.9)  # one cell filling a 4:3 frame: a cell crop
+    assert looks_like_cell((200, 150), [filling])
+    centre, whole, cut, fragment = (Detection(box, score) for box, score in [
+        ((120.0, 120.0, 240.0, 240.0), 0.95), ((20.0, 20.0, 90.0, 90.0), 0.9),
+        ((0.0, 250.0, 60.0, 330.0), 0.9), ((20.0, 20.0, 90.0, 90.0), 0.1)])
+    assert looks_like_cell((360, 360), [centre, cut]) and looks_like_cell((360, 360), [centre, fragment])
+    assert not looks_like_cell((360, 360), [centre, whole])  # a second whole cell: a square tile of a smear
+
+
+def test_pipeline_settings_are_checked(engine):
+    with pytest.raises(ValueError, match="crop_size must be >= 1.*margin must be >= 0.*min_confidence"):
+        SmearPipeline(engine, crop_size=-1, margin=-0.1, min_confidence=2)
+    assert SmearPipeline(engine).crop_size == 64  # the captioner's input side
+
+
+def test_run_auto_picks_the_path(pipeline):
+    cell, _ = make_cells(1, seed=4, size=128)[0]
+    smear, truth = draw_smear(5, n_wbc=2)
+    assert pipeline.run_auto(cell).kind == "cell"
+    report = pipeline.run_auto(smear)
+    assert report.kind == "smear" and abs(len(report.cells) - len(truth)) <= 1
+    assert pipeline.run_auto(smear, kind="cell").kind == "cell"
+    with pytest.raises(ValueError, match="kind must be one of"):
+        pipeline.run_auto(smear, kind="slide")
+
+
+def test_pipeline_uses_another_tools_boxes(engine, tmp_path):
+    smear, truth = draw_smear(6, n_wbc=2)
+    lines = []
+    for cell in truth:
+        x0, y0, x1, y1 = cell["box"]
+        lines.append(f"0 {(x0 + x1) / 1280} {(y0 + y1) / 960} {(x1 - x0) / 640} {(y1 - y0) / 480} 0.8")
+    (tmp_path / "smear6.txt").write_text("\n".join(lines))
+    report = SmearPipeline(engine, YoloPredictions(tmp_path)).run(smear, "images/smear6.jpg")
+    assert [cell.detector_score for cell in report.cells] == [0.8, 0.8]
+    assert report.cells[0].box == tuple(truth[0]["box"])
+
+
+# ------------------------------------------------------------------------------ flags
+
+
+def test_pipeline_flags_from_captions(pipeline):
+    caption = Caption("monocyte, large", [1, 2], [0.9, 0.2], {"cell_type": "Monocyte", "cell_size": "big"},
+                      {"cell_type": 0.9, "cell_size": 0.2}, {"cell_shape": ("round", "irregular")})
+    cell = pipeline._cell(3, Detection((1.2, 2.7, 30.1, 40.0), 0.87654), caption, None)
+    assert cell.box == (1, 2, 31, 40) and cell.detector_score == 0.8765
+    assert cell.flags == ["contradiction: cell_shape (round vs irregular)", "low confidence: cell_size (0.20)"]
+    monocyte = CellReport(4, None, None, "a caption", {"cell_type": "Monocyte"}, {"cell_type": 0.8}, {}, [])
+    report = pipeline._report("x.jpg", (64, 48), [cell, monocyte], [], "smear")
+    assert report.flagged == [3] and report.counts() == {"Monocyte": 2}
