@@ -217,6 +217,8 @@ def _add_score(sub) -> None:
                                        "and write metrics.json, report.md and plots.")
     score.add_argument("predictions", help="predictions.jsonl (format: hemcap.metrics docstring)")
     score.add_argument("--out", help="report folder (default: the predictions file's folder)")
+    score.add_argument("--schema", help="for a lab's own schema: its YAML, or the model folder whose info embeds it "
+                                        "(default: the shipped schema the lines name)")
     score.add_argument("--train-labels", help="training labels for the majority baseline: an annotation CSV or a "
                                               "prepared dataset folder (default: the references)")
     score.add_argument("--reannotations", help="second-annotator CSV for the human ceiling "
@@ -238,12 +240,22 @@ def _run_score(args) -> int:
     metrics = score_predictions(
         args.predictions, baseline_labels=args.train_labels, reannotations=args.reannotations,
         meteor=False if args.no_meteor else None, bertscore_model=args.bertscore_model,
-        n_examples=args.examples, seed=args.seed,
+        n_examples=args.examples, seed=args.seed, schema=_schema_arg(args.schema),
     )
     out = write_report(metrics, args.out or Path(args.predictions).parent, plots=not args.no_plots)
     print(_headline(metrics))
     print(f"wrote {out / 'report.md'}")
     return 0
+
+
+def _schema_arg(value: str | None):
+    """``--schema``: a model folder (its info embeds the schema), a shipped name, or a YAML path."""
+    from hemcap.models import is_model_dir, read_model_info
+    from hemcap.schema import get_schema
+
+    if value is None:
+        return None
+    return read_model_info(value).schema_object() if is_model_dir(value) else get_schema(value)
 
 
 @subcommand

@@ -65,6 +65,7 @@ def evaluate(options: EvalOptions, settings: dict | None = None) -> dict:
             records, baseline_labels=_train_labels(options.data_dir, dataset), reannotations=options.reannotations,
             meteor=options.meteor, seed=options.seed,
             meta={"model": str(options.model_dir), "data": str(options.data_dir), "split": options.split},
+            schema=engine.schema,
         )
         write_report(metrics, staging)
     return metrics

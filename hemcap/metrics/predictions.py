@@ -20,8 +20,9 @@ class PredictionsError(ValueError):
     """A predictions file or list is malformed; the message names the line and field."""
 
 
-def read_predictions(path: str | Path) -> list[dict]:
-    """Read and check a predictions.jsonl file (format in the module docstring)."""
+def read_predictions(path: str | Path, schema: Schema | None = None) -> list[dict]:
+    """Read and check a predictions.jsonl file (format in the module docstring); ``schema`` as for
+    ``check_predictions``."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"predictions file not found: {path}")
@@ -33,7 +34,7 @@ def read_predictions(path: str | Path) -> list[dict]:
                 records.append((number, record))
     if not records:
         raise PredictionsError(f"{path}: no predictions (the file is empty)")
-    check_predictions(records, source=str(path))
+    check_predictions(records, source=str(path), schema=schema)
     return [record for _, record in records]
 
 
@@ -61,13 +62,18 @@ def _decode_line(raw: bytes, where: str) -> dict | None:
     return record
 
 
-def check_predictions(records: Sequence[tuple[int, Mapping]], source: str = "predictions") -> Schema:
-    """Check numbered records; raise PredictionsError listing every problem (first 20)."""
+def check_predictions(records: Sequence[tuple[int, Mapping]], source: str = "predictions",
+                      schema: Schema | None = None) -> Schema:
+    """Check numbered records; raise PredictionsError listing every problem (first 20). ``schema``
+    is the one the lines name (a lab's own, not shipped); by default the shipped one of that name."""
     problems: list[str] = []
     schema_names = {r.get("schema") for _, r in records if isinstance(r.get("schema"), str)}
     if len(schema_names) > 1:
         problems.append(f"lines name different schemas: {sorted(schema_names)}")
-    schema = get_schema(next(iter(schema_names))) if len(schema_names) == 1 else None
+    if schema is not None and schema_names - {schema.name}:
+        problems.append(f"lines name schema {sorted(schema_names)} but {schema.name!r} was given")
+    if schema is None and len(schema_names) == 1:
+        schema = _shipped_schema(next(iter(schema_names)), problems)
     seen: dict[str, int] = {}
     for number, record in records:
         where = f"line {number}"
@@ -80,6 +86,17 @@ def check_predictions(records: Sequence[tuple[int, Mapping]], source: str = "pre
     if problems:
         raise problems_error(source, problems)
     return schema
+
+
+def _shipped_schema(name: str, problems: list[str]) -> Schema | None:
+    from hemcap.schema import SchemaError
+
+    try:
+        return get_schema(name)
+    except SchemaError:
+        problems.append(f"schema {name!r} is not shipped with hemcap; give it (hemcap score --schema: its YAML, "
+                        "or the model folder, whose info embeds it)")
+        return None
 
 
 def _record_problems(record: Mapping, schema: Schema | None, where: str) -> list[str]:

@@ -14,12 +14,13 @@ from hemcap.metrics.baselines import human_agreement, parser_accuracy, read_labe
 from hemcap.metrics.captions import caption_metrics
 from hemcap.metrics.faithfulness import faithfulness_metrics, predicted_label
 from hemcap.metrics.predictions import check_predictions, read_predictions
+from hemcap.schema import Schema
 
 
 def score_predictions(path: str | Path, **options) -> dict:
     """Every metric from a predictions.jsonl file alone; ``options`` as for `score_records`
     (baseline labels, re-annotations for the human ceiling, METEOR, BERTScore, examples)."""
-    return score_records(read_predictions(path), meta={"predictions": str(path)}, **options)
+    return score_records(read_predictions(path, options.get("schema")), meta={"predictions": str(path)}, **options)
 
 
 def score_records(
@@ -32,9 +33,11 @@ def score_records(
     n_examples: int = 5,
     seed: int = 0,
     meta: Mapping | None = None,
+    schema: Schema | None = None,
 ) -> dict:
-    """`score_predictions` for records already in memory (checked here too)."""
-    schema = check_predictions(list(enumerate(records, start=1)), source="predictions")
+    """`score_predictions` for records already in memory (checked here too); ``schema`` when the
+    records name one that is not shipped (a lab's own)."""
+    schema = check_predictions(list(enumerate(records, start=1)), source="predictions", schema=schema)
     if isinstance(baseline_labels, (str, Path)):
         baseline_labels = read_label_rows(baseline_labels, schema)
     ceiling = human_agreement(reannotations, schema=schema) if reannotations else None
