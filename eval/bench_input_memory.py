@@ -12,11 +12,12 @@ Each measurement runs in a fresh child process.
   pages of the mapped cache alike; RssAnon and RssFile split it (their peaks sampled every 5 ms).
   ``--unreleased`` adds a run that skips ``inputs.release``, to show what the mapped pages do.
 - **speed**: samples/s of ``hemcap.train.train_step`` on ``configs/quickstart.yaml`` (BLIP from
-  scratch, 96 px, batch 32, bf16 where the CPU has it) on ``--train-images`` synthetic cells,
-  built by ``hemcap.train.setup``. The old path (the whole cache copied into memory, batches
-  built on the training thread) and the new one (memory-mapped, built on the prefetch thread)
-  alternate in one process, ``--rounds`` times each for ``--seconds`` s after 2 untimed steps,
-  so that load from other processes falls on both; the ratio is of their totals.
+  scratch, 96 px, batch 32, bf16 where the CPU has it) on ``--train-images`` synthetic cells
+  (drawn by the parent), built by ``hemcap.train.setup``. The old path (the whole cache copied
+  into memory, batches built on the training thread), the new one as ``setup`` chooses it, and
+  the new one on a prefetch thread (running one torch thread, and torch's default) alternate in
+  one process, ``--rounds`` times each for ``--seconds`` s after 2 untimed steps, so that load
+  from other processes falls on all; ratios are of their totals. CPU time counts every thread.
 
     python eval/bench_input_memory.py                               # 20,000 images at 384 px
     python eval/bench_input_memory.py --images 2000 --size 96 --batches 30 --seconds 5 --rounds 2
@@ -151,48 +152,64 @@ def measure_memory(cache_dir: str, images: int, size: int, batches: int, batch: 
 # ------------------------------------------------------------------------------ speed
 
 
-def measure_speed(workdir: str, train_images: int, seconds: float, rounds: int) -> dict:
-    """samples/s of train_step, old and new input paths alternated (runs inside the child)."""
-    import numpy as np
+def measure_speed(workdir: str, seconds: float, rounds: int) -> dict:
+    """samples/s of train_step on each input path, alternated (runs inside the child)."""
     import torch
 
     from hemcap.config import load_config
-    from hemcap.recipes import prepare_synthetic
     from hemcap.train import setup
 
-    data = Path(workdir) / "cells"
-    if not data.exists():
-        prepare_synthetic(data, n_train=train_images, n_val=8, n_test=8, size=96)
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["train.max_steps=1000000", "train.max_minutes=null"],
-                      data=str(data), output_dir=str(Path(workdir) / "run"), overwrite=True)
+                      data=str(Path(workdir) / "cells"), output_dir=str(Path(workdir) / "run"), overwrite=True)
     run = setup(cfg)
+    paths = speed_paths(run)
+    results, step = {name: {"samples_per_s": [], "cpu_s_per_step": []} for name in paths}, 0
+    for name in list(paths) * rounds:
+        run.inputs = paths[name]
+        rate, cpu, step = _timed_steps(run, step, seconds)
+        results[name]["samples_per_s"].append(rate)
+        results[name]["cpu_s_per_step"].append(cpu)
+        run.inputs.close()
+    return {"threads": torch.get_num_threads(), "precision": run.accelerator.mixed_precision,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "new_ahead": paths["new"].ahead,
+            "train_images": len(run.train_ids), "batch": cfg.train.batch_size, "paths": results}
+
+
+def speed_paths(run) -> dict:
+    """old: the cache copied into memory, batches built on the training thread with the model's own
+    processor (the code before); new: what ``setup`` chose (on a CPU: the memory-mapped cache, read
+    on the training thread); thread-1: new's batches built two ahead on a prefetch thread running
+    one torch thread (``train.prefetch=2`` on a CPU); thread-all: the same with torch's default."""
+    import numpy as np
+    import torch
+
+    from hemcap.inputs import Prefetcher
+    from hemcap.train import micro_inputs
+
     old = copy.copy(run.batches)
     old.pixels = torch.from_numpy(np.array(run.batches.pixels))  # what decode_split returned before
-    paths = {"old": (old, None), "new": (run.batches, run.inputs)}
-    results, step = {"old": [], "new": []}, 0
-    for name in ["old", "new"] * rounds:
-        run.batches, run.inputs = paths[name]
-        rate, step = _timed_steps(run, step, seconds)
-        results[name].append(rate)
-        if run.inputs:
-            run.inputs.close()
-    return {"threads": torch.get_num_threads(), "precision": run.accelerator.mixed_precision,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
-            "train_images": len(run.train_ids), "batch": cfg.train.batch_size, "rounds": results}
+    return {"old": Prefetcher(functools.partial(micro_inputs, old, run.backend.collate), ahead=0),
+            "new": run.inputs, "thread-1": Prefetcher(run.inputs.build, ahead=2, threads=1),
+            "thread-all": Prefetcher(run.inputs.build, ahead=2)}
 
 
-def _timed_steps(run, step: int, seconds: float) -> tuple[float, int]:
-    """samples/s over ``seconds`` of steps after 2 untimed ones (the prefetch thread restarts); the next step."""
+def _timed_steps(run, step: int, seconds: float) -> tuple[float, float, int]:
+    """samples/s and CPU s per step over ``seconds`` of steps after 2 untimed ones; the next step number.
+
+    CPU time counts every thread of the process: what the prefetch thread adds shows there even
+    when other processes' load blurs the wall-clock figure.
+    """
     from hemcap.train import train_step
 
     for _ in range(2):
         train_step(run, step)
         step += 1
-    started, done = time.perf_counter(), 0
+    started, cpu, done = time.perf_counter(), time.process_time(), 0
     while time.perf_counter() - started < seconds:
         train_step(run, step)
         step, done = step + 1, done + 1
-    return done * run.batches.global_batch / (time.perf_counter() - started), step
+    rate = done * run.batches.global_batch / (time.perf_counter() - started)
+    return rate, (time.process_time() - cpu) / done, step
 
 
 # ------------------------------------------------------------------------------ parent
@@ -212,8 +229,26 @@ def child(args: list) -> dict:
     if kind == "memory":
         cache_dir, images, size, batches, batch, release = rest
         return measure_memory(cache_dir, int(images), int(size), int(batches), int(batch), release == "1")
-    workdir, train_images, seconds, rounds = rest
-    return measure_speed(workdir, int(train_images), float(seconds), int(rounds))
+    workdir, seconds, rounds = rest
+    return measure_speed(workdir, float(seconds), int(rounds))
+
+
+def speed_table(paths: dict) -> list[str]:
+    """Rounds of samples/s side by side, each path's ratio to old, and CPU time per step."""
+    rates = {name: p["samples_per_s"] for name, p in paths.items()}
+    others = [name for name in rates if name != "old"]
+    lines = ["", "| round | " + " | ".join(f"{n} samples/s" for n in rates) + " | "
+             + " | ".join(f"{n} / old" for n in others) + " |", "|---" * (len(rates) + len(others) + 1) + "|"]
+    for i, row in enumerate(zip(*rates.values())):
+        by_name = dict(zip(rates, row))
+        lines.append(f"| {i + 1} | " + " | ".join(f"{r:.1f}" for r in row) + " | "
+                     + " | ".join(f"{by_name[n] / by_name['old']:.3f}" for n in others) + " |")
+    lines.append("| all rounds | " + " | ".join(f"{statistics.mean(r):.1f}" for r in rates.values()) + " | "
+                 + " | ".join(f"**{sum(rates[n]) / sum(rates['old']):.3f}** (median of rounds "
+                              f"{statistics.median(a / b for a, b in zip(rates[n], rates['old'])):.3f})"
+                              for n in others) + " |")
+    cpu = ", ".join(f"{n} {1000 * statistics.mean(p['cpu_s_per_step']):.0f} ms" for n, p in paths.items())
+    return lines + ["", f"CPU time per step, all threads: {cpu}"]
 
 
 def gib(n: float) -> str:
@@ -234,15 +269,10 @@ def report(memory: list[dict], speed: dict | None, command: str, load: str) -> s
                          f"{gib(m['start_rss'])} | {m['batches_per_s']:.1f} |")
         lines.append(f"| old: the cache copied into memory (not run) | >= {gib(m['cache_bytes'])} | | | | |")
     if speed:
-        old, new = speed["rounds"]["old"], speed["rounds"]["new"]
-        ratio = statistics.median(n / o for o, n in zip(old, new))
         lines += ["", f"speed: configs/quickstart.yaml, {speed['train_images']:,} training images, batch "
                   f"{speed['batch']}, {speed['precision']}, {speed['threads']} torch threads, OMP_WAIT_POLICY "
-                  f"{speed['omp_wait_policy']}; old and new alternated",
-                  "", "| round | old samples/s | new samples/s | new / old |", "|---|---|---|---|"]
-        lines += [f"| {i + 1} | {o:.1f} | {n:.1f} | {n / o:.3f} |" for i, (o, n) in enumerate(zip(old, new))]
-        lines.append(f"| all rounds | {sum(old) / len(old):.1f} | {sum(new) / len(new):.1f} | "
-                     f"**{sum(new) / sum(old):.3f}** (median of rounds {ratio:.3f}) |")
+                  f"{speed['omp_wait_policy']}; new builds {speed['new_ahead']} ahead on a thread; paths alternated"]
+        lines += speed_table(speed["paths"])
     return "\n".join(lines)
 
 
@@ -265,15 +295,18 @@ def main() -> None:
         print(json.dumps(child(json.loads(args.child))))
         return
     memory, speed, load = [], None, "%.1f" % os.getloadavg()[0]
+    sys.path.insert(0, str(ROOT))
     with tempfile.TemporaryDirectory(dir=args.tmp, prefix="bench_input_memory-") as tmp:
         if args.skip != "memory":
-            sys.path.insert(0, str(ROOT))
             fill_cache(Path(tmp) / "cache", args.images, args.size)
             memory = [run_child("memory", str(Path(tmp) / "cache"), *map(str, (args.images, args.size, args.batches,
                                 args.batch)), release) for release in ("1", "0")[: 1 + args.unreleased]]
             shutil.rmtree(Path(tmp) / "cache")
         if args.skip != "speed":
-            speed = run_child("speed", tmp, str(args.train_images), str(args.seconds), str(args.rounds))
+            from hemcap.recipes import prepare_synthetic
+
+            prepare_synthetic(Path(tmp) / "cells", n_train=args.train_images, n_val=8, n_test=8, size=96)
+            speed = run_child("speed", tmp, str(args.seconds), str(args.rounds))
     load += " / %.1f" % os.getloadavg()[0]
     print(report(memory, speed, "python eval/bench_input_memory.py " + " ".join(sys.argv[1:]), load))
     if args.json:

@@ -230,14 +230,20 @@ class Prefetcher:
     first, or a step after a resume) restarts the thread there, so the answer is always
     ``build(step)``. An exception in ``build`` is raised in the caller, at the step that raised
     it. ``close`` (or leaving a ``with`` block) stops the thread; a build under way finishes first.
+    With ``ahead=0`` there is no thread: each step is built when asked for, on the caller's thread.
+
+    ``threads`` sets the thread's torch (OpenMP) threads; None leaves torch's default. The
+    caller's threads stay as they were.
     """
 
-    def __init__(self, build: Callable[[int], object], ahead: int = 2):
-        self.build, self.ahead = build, ahead
+    def __init__(self, build: Callable[[int], object], ahead: int = 2, threads: int | None = None):
+        self.build, self.ahead, self.threads = build, ahead, threads
         self._thread: threading.Thread | None = None
         self._next: int | None = None
 
     def __call__(self, step: int):
+        if not self.ahead:
+            return self.build(step)
         if step != self._next:
             self.close()
             self._start(step)
@@ -249,12 +255,22 @@ class Prefetcher:
         return item
 
     def _start(self, step: int) -> None:
-        self._queue, self._stop = queue.Queue(maxsize=self.ahead), threading.Event()
-        self._thread = threading.Thread(target=self._work, args=(step, self._queue, self._stop),
+        self._queue, self._stop, ready = queue.Queue(maxsize=self.ahead), threading.Event(), threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(step, self._queue, self._stop, ready),
                                         name="hemcap-prefetch", daemon=True)  # daemon: never holds up exit
+        default = torch.get_num_threads()
         self._thread.start()
+        ready.wait()
+        if self.threads:
+            torch.set_num_threads(default)  # the thread's set_num_threads also set the default for new threads
 
-    def _work(self, step: int, out: queue.Queue, stop: threading.Event) -> None:
+    def _work(self, step: int, out: queue.Queue, stop: threading.Event, ready: threading.Event) -> None:
+        try:
+            if self.threads:
+                torch.get_num_threads()  # a thread takes torch's default on first use: first, so it is not taken later
+                torch.set_num_threads(self.threads)
+        finally:
+            ready.set()
         while not stop.is_set():
             try:
                 item = self.build(step)

@@ -80,7 +80,7 @@ class Run:
     total_steps: int
     data_meta: dict
     state: dict = field(default_factory=dict)  # step, best, history, elapsed_s: saved in checkpoints
-    inputs: Prefetcher | None = None  # (rows, model inputs) of a micro-step, built on a background thread
+    inputs: Prefetcher | None = None  # (rows, model inputs) of a micro-step, perhaps built ahead on a thread
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -162,7 +162,8 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = _scheduler(cfg, optimizer, total)
     model, optimizer = accelerator.prepare(backend.model, optimizer)  # the scheduler is stepped by hand
     run = Run(cfg, accelerator, backend, model, optimizer, scheduler, batches, val, schema, train_ids, out, total, meta)
-    run.inputs = Prefetcher(functools.partial(micro_inputs, batches, _own_processor(backend).collate))
+    build = functools.partial(micro_inputs, batches, _own_processor(backend).collate)
+    run.inputs = _prefetcher(cfg, accelerator, build)
     run.state = {"step": 0, "elapsed_s": 0.0, "best_metric": None, "best_step": None, "evals_since_best": 0,
                  "history": []}
     if resume_dir is not None:
@@ -289,6 +290,21 @@ def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tu
     return batches, [ids[r] for r in rows]
 
 
+def _prefetcher(cfg: RunConfig, accelerator, build) -> Prefetcher:
+    """``build`` for each micro-step: on a GPU two ahead on a thread; on a CPU when asked for,
+    unless ``train.prefetch`` says otherwise.
+
+    On a GPU the training thread mostly waits for the device. On a CPU the model's OpenMP threads
+    already fill every core: quickstart steps (batch 32, 96 px, 2 cores, 2026-11-28) took 108-134
+    ms building on the training thread (8 ms of it), 110-131 ms with a prefetch thread running
+    one torch thread, and 160-173 ms with one running torch's default two, which puts more
+    OpenMP threads than cores in the process (eval/bench_input_memory.py).
+    """
+    cpu = accelerator.device.type == "cpu"
+    ahead = cfg.train.prefetch if cfg.train.prefetch is not None else (0 if cpu else 2)
+    return Prefetcher(build, ahead, threads=1 if cpu else None)
+
+
 def _own_processor(backend: models.Backend) -> models.Backend:
     """``backend`` with a processor of its own, for the prefetch thread.
 
@@ -355,7 +371,7 @@ def train_step(run: Run, step: int) -> float:
     total = 0.0
     for k in range(accum):
         micro = step * accum + k
-        rows, inputs = run.inputs(micro) if run.inputs else micro_inputs(run.batches, run.backend.collate, micro)
+        rows, inputs = run.inputs(micro)
         inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
         sync = accelerator.no_sync(run.model) if k < accum - 1 else contextlib.nullcontext()
         with sync:

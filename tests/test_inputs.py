@@ -140,12 +140,14 @@ def test_a_batch_leaves_no_pages_of_the_cache_resident(tmp_path):
     assert next(line for line in smaps.splitlines() if line.startswith("Rss:")).split()[1] == "0"
 
 
-def test_prefetched_batches_equal_directly_built_ones():
+@pytest.mark.parametrize("ahead", [2, 0], ids=["thread", "no-thread"])
+def test_prefetched_batches_equal_directly_built_ones(ahead):
     direct, background = make_batches(n=12, batch=3, seed=4), make_batches(n=12, batch=3, seed=4)
-    with Prefetcher(background, ahead=2) as prefetch:
+    with Prefetcher(background, ahead=ahead) as prefetch:
         for step in (0, 1, 2, 3, 9, 10, 4):  # 9 and 4 jump: the thread restarts there
             a, b = direct(step), prefetch(step)
             assert a.rows == b.rows and a.captions == b.captions and torch.equal(a.pixels, b.pixels)
+    assert Prefetcher(lambda step: threading.current_thread(), ahead=0)(0) is threading.current_thread()
 
 
 def test_an_exception_in_the_prefetch_thread_is_raised_in_the_caller():
@@ -176,3 +178,13 @@ def test_the_prefetch_thread_ends_on_close_even_with_a_full_queue():
     assert threads[0].is_alive()
     prefetch.close()
     assert not threads[0].is_alive() and not prefetch_threads()
+
+
+
+def test_a_one_thread_prefetcher_leaves_the_callers_torch_threads_alone():
+    before = torch.get_num_threads()
+    with Prefetcher(lambda step: torch.get_num_threads(), threads=1) as prefetch:
+        assert [prefetch(step) for step in range(3)] == [1, 1, 1]
+    assert torch.get_num_threads() == before
+    with Prefetcher(lambda step: torch.get_num_threads()) as prefetch:
+        assert prefetch(0) == before
