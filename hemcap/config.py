@@ -262,6 +262,8 @@ class TrainConfig(_Section):
     """Images per device per micro-batch."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
+    prefetch: int | None = None
+    """Micro-batches built ahead on a thread while the model trains (0: on the training thread); null: 2 on a GPU, 0 on a CPU."""
     max_steps: int | None = None
     """Optimizer steps to train for (overrides epochs)."""
     epochs: float | None = 1.0
@@ -302,6 +304,8 @@ class TrainConfig(_Section):
         problems += _in_range(self, "warmup_ratio", 0.0, 1.0)
         if self.weight_decay < 0:
             problems.append(f"weight_decay={self.weight_decay} should be >= 0")
+        if self.prefetch is not None and self.prefetch < 0:
+            problems.append(f"prefetch={self.prefetch} should be >= 0")
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
             problems.append(f"betas={self.betas} should be two numbers in [0, 1)")
         if self.max_steps is None and self.epochs is None:

@@ -22,7 +22,9 @@ if __name__ == "__main__" and not __package__:  # run as a script: import the pa
 
 import argparse
 import contextlib
+import copy
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -36,7 +38,7 @@ import yaml
 
 from hemcap import checkpoint, fileio, models
 from hemcap.config import ConfigError, RunConfig, add_train_arguments, config_from_args
-from hemcap.inputs import TrainBatches, decode_split
+from hemcap.inputs import Prefetcher, TrainBatches, decode_split, map_split
 
 log = logging.getLogger("hemcap.train")
 
@@ -77,6 +79,7 @@ class Run:
     total_steps: int
     data_meta: dict
     state: dict = field(default_factory=dict)  # step, best, history, elapsed_s: saved in checkpoints
+    inputs: Prefetcher | None = None  # (rows, model inputs) of a micro-step, perhaps built ahead on a thread
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -97,16 +100,17 @@ def fit(cfg: RunConfig) -> Path:
     bar = tqdm(total=run.total_steps, initial=run.state["step"], disable=not run.accelerator.is_main_process,
                desc="train")
     clock, meter, stop_reason = _Clock(run.state["elapsed_s"]), _Meter(), None
-    while run.state["step"] < run.total_steps and stop_reason is None:
-        started = time.perf_counter()
-        loss = train_step(run, run.state["step"])
-        run.state["step"] += 1
-        run.state["elapsed_s"] = clock.elapsed()
-        meter.add(loss, time.perf_counter() - started)
-        bar.update(1)
-        if run.state["step"] % cfg.train.log_every == 0:
-            _log_training(run, meter, bar)
-        stop_reason = _between_steps(run)
+    with contextlib.closing(run.inputs):  # the prefetch thread ends with training, or with its exception
+        while run.state["step"] < run.total_steps and stop_reason is None:
+            started = time.perf_counter()
+            loss = train_step(run, run.state["step"])
+            run.state["step"] += 1
+            run.state["elapsed_s"] = clock.elapsed()
+            meter.add(loss, time.perf_counter() - started)
+            bar.update(1)
+            if run.state["step"] % cfg.train.log_every == 0:
+                _log_training(run, meter, bar)
+            stop_reason = _between_steps(run)
     bar.close()
     if meter.steps:
         _log_training(run, meter, bar)
@@ -157,6 +161,8 @@ def setup(cfg: RunConfig) -> Run:
     scheduler = _scheduler(cfg, optimizer, total)
     model, optimizer = accelerator.prepare(backend.model, optimizer)  # the scheduler is stepped by hand
     run = Run(cfg, accelerator, backend, model, optimizer, scheduler, batches, val, schema, train_ids, out, total, meta)
+    build = functools.partial(micro_inputs, batches, _own_processor(backend).collate)
+    run.inputs = _prefetcher(cfg, accelerator, build)
     run.state = {"step": 0, "elapsed_s": 0.0, "best_metric": None, "best_step": None, "evals_since_best": 0,
                  "history": []}
     if resume_dir is not None:
@@ -271,7 +277,7 @@ def build_backend(cfg: RunConfig, train_split, schema, precision: str, out: Path
 
 
 def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tuple[TrainBatches, list[str]]:
-    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out))
+    pixels, rows = map_split(split, backend.image_size, _cache_dir(cfg, out))  # memory-mapped: batches read their rows
     if cfg.data.captions == "variants":
         captions = split["captions"]
     else:
@@ -282,6 +288,33 @@ def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tu
     log.info("training on %d images at %dx%d, %d micro-batches per epoch", len(pixels), *backend.image_size,
              batches.steps_per_epoch)
     return batches, [ids[r] for r in rows]
+
+
+def _prefetcher(cfg: RunConfig, accelerator, build) -> Prefetcher:
+    """``build`` for each micro-step: on a GPU two ahead on a thread; on a CPU when asked for,
+    unless ``train.prefetch`` says otherwise.
+
+    On a GPU the training thread mostly waits for the device. On a CPU the model's OpenMP threads
+    already fill every core: quickstart steps (batch 32, 96 px, 2 cores, 2026-11-28) took 108-134
+    ms building on the training thread (8 ms of it), 110-131 ms with a prefetch thread running
+    one torch thread, and 160-173 ms with one running torch's default two, which puts more
+    OpenMP threads than cores in the process (eval/bench_input_memory.py).
+    """
+    cpu = accelerator.device.type == "cpu"
+    ahead = cfg.train.prefetch if cfg.train.prefetch is not None else (0 if cpu else 2)
+    return Prefetcher(build, ahead, threads=1 if cpu else None)
+
+
+def _own_processor(backend: models.Backend) -> models.Backend:
+    """``backend`` with a processor of its own, for the prefetch thread.
+
+    The padding side is state of the shared Rust tokenizer: one tokenizer encoding right-padded
+    captions on one thread and left-padded prompts (the chat backend's validation) on another
+    padded 1,397 of 6,000 encodings on the wrong side (tokenizers 0.23).
+    """
+    own = copy.copy(backend)
+    own.processor = copy.deepcopy(backend.processor)
+    return own
 
 
 def _val_set(cfg: RunConfig, backend, split, schema, out: Path) -> ValSet:
@@ -324,6 +357,13 @@ def _scheduler(cfg: RunConfig, optimizer, total_steps: int):
 # ------------------------------------------------------------------------------ training
 
 
+def micro_inputs(batches: TrainBatches, collate, micro: int) -> tuple[list[int], dict]:
+    """The rows and the model inputs (``collate``'s, with labels) of micro-batch ``micro``."""
+    batch = batches(micro)
+    rows = [{"pixels": p, "caption": c} for p, c in zip(batch.pixels, batch.captions)]
+    return batch.rows, collate(rows, train=True)
+
+
 def train_step(run: Run, step: int) -> float:
     """One optimizer step over ``grad_accum`` micro-batches; the mean loss."""
     accelerator, accum = run.accelerator, run.cfg.train.grad_accum
@@ -331,16 +371,15 @@ def train_step(run: Run, step: int) -> float:
     total = 0.0
     for k in range(accum):
         micro = step * accum + k
-        batch = run.batches(micro)
-        rows = [{"pixels": p, "caption": c} for p, c in zip(batch.pixels, batch.captions)]
-        inputs = {key: value.to(accelerator.device) for key, value in run.backend.collate(rows, train=True).items()}
+        rows, inputs = run.inputs(micro)
+        inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
         sync = accelerator.no_sync(run.model) if k < accum - 1 else contextlib.nullcontext()
         with sync:
             loss = run.model(**inputs).loss
             if not torch.isfinite(loss):
-                ids = [run.train_ids[r] for r in batch.rows]
+                ids = [run.train_ids[r] for r in rows]
                 raise NonFiniteLoss(f"loss is {loss.item()} at step {step} (micro-batch {micro}); "
-                                    f"batch rows {batch.rows[:8]}, ids {ids[:8]}")
+                                    f"batch rows {rows[:8]}, ids {ids[:8]}")
             accelerator.backward(loss / accum)
         total += loss.item() / accum
     if run.cfg.train.max_grad_norm:

@@ -1,7 +1,10 @@
-"""Training inputs: decode once (bad images skipped), batches fixed by step, cell-safe augmentations."""
+"""Training inputs: decode once (bad images skipped), memory-mapped, batches fixed by step and
+prefetched, cell-safe augmentations."""
 
 import io
 import logging
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -9,7 +12,7 @@ import torch
 from PIL import Image
 
 from hemcap.config import AugmentConfig
-from hemcap.inputs import TrainBatches, augment_pixels, decode_split
+from hemcap.inputs import Prefetcher, TrainBatches, augment_pixels, decode_split, gather_rows, map_split
 
 
 def png(colour, size=(20, 10)) -> bytes:
@@ -38,6 +41,22 @@ def test_decode_resizes_once_skips_bad_images_and_caches(split, tmp_path, caplog
     assert len(list(tmp_path.glob("pixels-*-16x8.npy"))) == 1
     again, rows_again = decode_split(split, (16, 8), tmp_path)
     assert torch.equal(again, pixels) and rows_again == rows
+
+
+def test_the_cache_is_memory_mapped_not_read_into_memory(split, tmp_path):
+    first, rows = map_split(split, (16, 8), tmp_path)
+    again, rows_again = map_split(split, (16, 8), tmp_path)
+    tensor, _ = decode_split(split, (16, 8), tmp_path)
+    assert isinstance(first, np.memmap) and isinstance(again, np.memmap) and rows == rows_again == [0, 2]
+    assert first.shape == (2, 3, 16, 8) and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    cache = next(tmp_path.glob("pixels-*-16x8.npy"))
+    with open(cache, "r+b") as f:  # a write to the file shows through every mapping: nothing was copied
+        f.seek(first.offset)  # the first row, after the .npy header
+        f.write(bytes([7]) * 3 * 16 * 8)
+    assert (first[0] == 7).all() and (again[0] == 7).all() and (tensor[0] == 7).all()
+    in_memory, rows_in_memory = map_split(split, (16, 8), None)
+    assert not isinstance(in_memory, np.memmap) and rows_in_memory == rows
+    assert np.array_equal(in_memory[1], first[1])
 
 
 def make_batches(n=10, batch=4, seed=0, rank=0, world=1, **augment):
@@ -93,3 +112,79 @@ def test_variants_are_drawn_per_step():
     picked = {c for step in range(6) for c in batches(step).captions}
     assert any(c.startswith("canonical") for c in picked) and any(c.startswith("variant") for c in picked)
     assert np.all([c.split()[1] == str(r) for c, r in zip(batches(0).captions, batches(0).rows)])
+
+
+def mapped_pixels(tmp_path, n=10) -> np.memmap:
+    pixels = np.random.default_rng(0).integers(0, 256, (n, 3, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "pixels.npy", pixels)
+    return np.load(tmp_path / "pixels.npy", mmap_mode="r")
+
+
+def test_batches_from_a_memory_map_equal_batches_from_memory(tmp_path):
+    mapped = mapped_pixels(tmp_path)
+    assert torch.equal(gather_rows(mapped, [7, 2, 5]), torch.from_numpy(np.array(mapped))[[7, 2, 5]])
+    captions = [[f"canonical {i}", f"variant {i}"] for i in range(10)]
+    augment = AugmentConfig(color_jitter=0.2, stain_jitter=0.2)
+    from_map = TrainBatches(mapped, captions, 4, augment, seed=3, variants=True)
+    from_memory = TrainBatches(torch.from_numpy(np.array(mapped)), captions, 4, augment, seed=3, variants=True)
+    for step in (0, 1, 5, 2):
+        a, b = from_map(step), from_memory(step)
+        assert a.rows == b.rows and a.captions == b.captions and torch.equal(a.pixels, b.pixels)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_a_batch_leaves_no_pages_of_the_cache_resident(tmp_path):
+    mapped = mapped_pixels(tmp_path, n=64)
+    gather_rows(mapped, list(range(0, 64, 2)))
+    smaps = open("/proc/self/smaps").read().split(str(tmp_path / "pixels.npy"))[1]
+    assert next(line for line in smaps.splitlines() if line.startswith("Rss:")).split()[1] == "0"
+
+
+@pytest.mark.parametrize("ahead", [2, 0], ids=["thread", "no-thread"])
+def test_prefetched_batches_equal_directly_built_ones(ahead):
+    direct, background = make_batches(n=12, batch=3, seed=4), make_batches(n=12, batch=3, seed=4)
+    with Prefetcher(background, ahead=ahead) as prefetch:
+        for step in (0, 1, 2, 3, 9, 10, 4):  # 9 and 4 jump: the thread restarts there
+            a, b = direct(step), prefetch(step)
+            assert a.rows == b.rows and a.captions == b.captions and torch.equal(a.pixels, b.pixels)
+    assert Prefetcher(lambda step: threading.current_thread(), ahead=0)(0) is threading.current_thread()
+
+
+def test_an_exception_in_the_prefetch_thread_is_raised_in_the_caller():
+    def build(step):
+        if step == 3:
+            raise ValueError(f"bad image at step {step}")
+        return step
+
+    prefetch = Prefetcher(build)
+    assert [prefetch(s) for s in range(3)] == [0, 1, 2]
+    with pytest.raises(ValueError, match="bad image at step 3"):
+        prefetch(3)
+    assert not prefetch_threads()
+    assert prefetch(4) == 4  # a later call starts afresh
+    prefetch.close()
+
+
+def prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "hemcap-prefetch"]
+
+
+def test_the_prefetch_thread_ends_on_close_even_with_a_full_queue():
+    prefetch = Prefetcher(lambda step: step, ahead=2)
+    assert prefetch(0) == 0
+    threads = prefetch_threads()
+    assert len(threads) == 1
+    threads[0].join(timeout=0.5)  # it fills the queue and waits for room
+    assert threads[0].is_alive()
+    prefetch.close()
+    assert not threads[0].is_alive() and not prefetch_threads()
+
+
+
+def test_a_one_thread_prefetcher_leaves_the_callers_torch_threads_alone():
+    before = torch.get_num_threads()
+    with Prefetcher(lambda step: torch.get_num_threads(), threads=1) as prefetch:
+        assert [prefetch(step) for step in range(3)] == [1, 1, 1]
+    assert torch.get_num_threads() == before
+    with Prefetcher(lambda step: torch.get_num_threads()) as prefetch:
+        assert prefetch(0) == before

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -49,7 +50,7 @@ def tiny_blip(data: Path, out: Path, lora: bool = False, **train) -> RunConfig:
         "augment": {"color_jitter": 0.1, "stain_jitter": 0.1},
         "lora": {"enabled": lora, "target_modules": HEMBLIP_TARGETS},
         "train": {"output_dir": str(out), "batch_size": 8, "max_steps": 4, "lr": 2e-3, "log_every": 1,
-                  "save_every": 2, "keep_last": 5, **train},
+                  "save_every": 2, "keep_last": 5, "prefetch": 2, **train},  # prefetch: a GPU's thread
         "eval": {"batch_size": 4, "max_new_tokens": 6},
     }
     return RunConfig.from_dict(raw)
@@ -76,6 +77,7 @@ def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch,
     with pytest.raises(KeyboardInterrupt):
         fit(tiny_blip(data, tmp_path / "killed", lora))
     monkeypatch.undo()
+    assert not [t for t in threading.enumerate() if t.name == "hemcap-prefetch"], "the prefetch thread ended"
     assert sorted(losses(tmp_path / "killed")) == [1, 2]
     fit(tiny_blip(data, tmp_path / "killed", lora, resume="auto"))
 
