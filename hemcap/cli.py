@@ -171,6 +171,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--tta-views", type=int, choices=(1, 2, 4, 8),
                     help="caption rotated/flipped views and vote each attribute (default: as validation, 1)")
     _add_device(ev)
+    _add_threads(ev)
     ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ev.set_defaults(run=_run_eval)
 
@@ -184,6 +185,7 @@ def _run_eval(args) -> int:
         model_dir=Path(args.model), data_dir=Path(args.data), out_dir=Path(args.out), split=args.split,
         limit=args.limit, reannotations=Path(args.reannotations) if args.reannotations else None,
         meteor=False if args.no_meteor else None, overwrite=args.overwrite)
+    _use_threads(args)
     metrics = evaluate(options, _engine_options(args))
     print(f"{metrics['n']} captions; {_headline(metrics)}")
     print(f"report: {Path(args.out) / 'report.md'}")
@@ -201,6 +203,17 @@ def _headline(metrics: dict) -> str:
 
 def _add_device(parser) -> None:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the first GPU if there is one, else the CPU)")
+
+
+def _add_threads(parser) -> None:
+    parser.add_argument("--threads", type=int, help="CPU threads (default: the cores no other process keeps busy now)")
+
+
+def _use_threads(args) -> None:
+    """``--threads``, else the free cores (hemcap.threads), before any model runs."""
+    from hemcap.threads import choose_threads, local_processes, use_threads
+
+    use_threads(choose_threads(args.threads, local_processes()))
 
 
 def _engine_options(args) -> dict:
@@ -399,6 +412,7 @@ def _add_caption(sub) -> None:
     caption.add_argument("--crops", action="store_true", help="also save each cell's crop under <image>_crops/")
     caption.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default 40,000,000)")
     _add_device(caption)
+    _add_threads(caption)
     caption.add_argument("--overwrite", action="store_true", help="redo images whose reports exist")
     caption.set_defaults(run=_run_caption)
 
@@ -407,6 +421,8 @@ def _run_caption(args) -> int:
     from hemcap.engine import CaptionEngine
     from hemcap.smear import SmearPipeline, build_detector, process_images, process_state, summary_lines
 
+    process_state()  # join a launcher's group first: sibling processes still starting up would read as busy
+    _use_threads(args)
     engine = CaptionEngine.from_dir(args.model, **_engine_options(args))
     detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)
     pipeline = SmearPipeline(engine, detector, crop_size=args.crop_size or None, margin=args.margin,
@@ -429,6 +445,7 @@ def _add_demo(sub) -> None:
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
     _add_device(demo)
+    _add_threads(demo)
     demo.set_defaults(run=_run_demo)
 
 
@@ -438,6 +455,7 @@ def _run_demo(args) -> int:
     model_dir, origin = resolve_model_dir(args.model, args.runs_dir)  # refuse before loading anything heavy
     print(origin, flush=True)
     app = _import_demo_app()
+    _use_threads(args)
     try:
         app.launch(model_dir, host=args.host, port=args.port, share=args.share, device=args.device)
     except OSError as error:

@@ -284,6 +284,8 @@ class TrainConfig(_Section):
     """Clip the gradient norm to this (null: no clipping)."""
     precision: str | None = None
     """fp32, bf16, fp16 (CUDA only) or auto (bf16 on a GPU or CPU with native bf16); null: bf16 on a CUDA GPU that has it, else fp32."""
+    threads: int | None = None
+    """CPU threads for torch (null: the cores free at start, followed every 30 s; hemcap.threads)."""
     log_every: int = 10
     """Log loss, learning rate and samples/s every N steps."""
     eval_every: int | None = None
@@ -298,7 +300,7 @@ class TrainConfig(_Section):
     def problems(self) -> list[str]:
         problems = _positive(self, "batch_size", "grad_accum", "lr", "log_every", "keep_last")
         problems += _positive(self, "max_steps", "epochs", "max_minutes", "eval_every", "save_every",
-                              "patience", "max_grad_norm", allow_none=True)
+                              "patience", "max_grad_norm", "threads", allow_none=True)
         problems += _one_of("schedule", self.schedule, ("cosine", "linear", "constant"))
         problems += _one_of("precision", self.precision, (None, *PRECISIONS))
         problems += _in_range(self, "warmup_ratio", 0.0, 1.0)
@@ -437,6 +439,7 @@ FLAG_KEYS = {
     "output_dir": {"train.output_dir": None},
     "resume": {"train.resume": None},
     "overwrite": {"train.overwrite": None},
+    "threads": {"train.threads": None},
 }
 
 
@@ -445,7 +448,7 @@ def _flag_overrides(flags: dict) -> list[tuple[str, Any]]:
     if unknown:
         raise TypeError(f"unknown flags: {', '.join(sorted(unknown))}")
     return [(key, value if fixed is None else fixed)
-            for name, value in flags.items() if value not in (None, False)
+            for name, value in flags.items() if value is not None and value is not False  # --threads 0 meets the check
             for key, fixed in FLAG_KEYS[name].items()]
 
 
@@ -497,6 +500,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--output-dir", help="where checkpoints, logs and the model go (train.output_dir)")
     parser.add_argument("--resume", help="'auto' (latest checkpoint in the output dir) or a checkpoint dir")
     parser.add_argument("--overwrite", action="store_true", default=None, help="start afresh in an existing output dir")
+    parser.add_argument("--threads", type=int, help="CPU threads (train.threads; default: the cores no other "
+                                                     "process keeps busy, re-read every 30 s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="override any config key, e.g. --set train.lr=1e-4 (repeatable; value read as YAML)")
     return parser

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 import yaml
 
-from hemcap import checkpoint, fileio, models
+from hemcap import checkpoint, fileio, models, threads
 from hemcap.config import ConfigError, RunConfig, add_train_arguments, config_from_args
 from hemcap.inputs import Prefetcher, TrainBatches, decode_split, map_split
 
@@ -100,8 +100,10 @@ def fit(cfg: RunConfig) -> Path:
     bar = tqdm(total=run.total_steps, initial=run.state["step"], disable=not run.accelerator.is_main_process,
                desc="train")
     clock, meter, stop_reason = _Clock(run.state["elapsed_s"]), _Meter(), None
+    watch = threads.ThreadWatch(cfg.train.threads, threads.local_processes())  # the load changes over a long run
     with contextlib.closing(run.inputs):  # the prefetch thread ends with training, or with its exception
         while run.state["step"] < run.total_steps and stop_reason is None:
+            watch.tick()
             started = time.perf_counter()
             loss = train_step(run, run.state["step"])
             run.state["step"] += 1
@@ -148,6 +150,7 @@ def setup(cfg: RunConfig) -> Run:
     precision = resolve_precision(cfg.train.precision)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), log_with="tensorboard",
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tb")))
+    threads.use_threads(threads.choose_threads(cfg.train.threads, threads.local_processes()))  # after the launcher's rendezvous
     resume_dir = _resume_dir(cfg, out, accelerator)
     set_seed(cfg.train.seed)
     dataset, meta, schema = _load_data(cfg, accelerator)
