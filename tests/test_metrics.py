@@ -369,7 +369,7 @@ def test_bad_predictions_files_get_clear_errors(tmp_path, lines, message):
 
 
 def test_unknown_schema_and_missing_file(tmp_path):
-    with pytest.raises(ValueError, match="unknown schema 'nope'"):
+    with pytest.raises(ValueError, match="schema 'nope' is not shipped with hemcap; give it \\(hemcap score --schema"):
         read_predictions(write_lines(tmp_path / "p.jsonl", [record(0, "x", schema="nope")]))
     with pytest.raises(FileNotFoundError, match="predictions file not found"):
         read_predictions(tmp_path / "missing.jsonl")
