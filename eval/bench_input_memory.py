@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+SPEED_PATHS = ("old", "new", "thread-1", "thread-all")
 WRITE_CHUNK = 256  # images per write while filling the cache: 113 MB at 384 px
 
 
@@ -152,7 +153,7 @@ def measure_memory(cache_dir: str, images: int, size: int, batches: int, batch: 
 # ------------------------------------------------------------------------------ speed
 
 
-def measure_speed(workdir: str, seconds: float, rounds: int) -> dict:
+def measure_speed(workdir: str, seconds: float, rounds: int, names: list[str]) -> dict:
     """samples/s of train_step on each input path, alternated (runs inside the child)."""
     import torch
 
@@ -162,7 +163,8 @@ def measure_speed(workdir: str, seconds: float, rounds: int) -> dict:
     cfg = load_config(ROOT / "configs" / "quickstart.yaml", ["train.max_steps=1000000", "train.max_minutes=null"],
                       data=str(Path(workdir) / "cells"), output_dir=str(Path(workdir) / "run"), overwrite=True)
     run = setup(cfg)
-    paths = speed_paths(run)
+    chosen = run.inputs.ahead
+    paths = {name: path for name, path in speed_paths(run).items() if name in names}
     results, step = {name: {"samples_per_s": [], "cpu_s_per_step": []} for name in paths}, 0
     for name in list(paths) * rounds:
         run.inputs = paths[name]
@@ -171,7 +173,7 @@ def measure_speed(workdir: str, seconds: float, rounds: int) -> dict:
         results[name]["cpu_s_per_step"].append(cpu)
         run.inputs.close()
     return {"threads": torch.get_num_threads(), "precision": run.accelerator.mixed_precision,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "new_ahead": paths["new"].ahead,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"), "new_ahead": chosen,
             "train_images": len(run.train_ids), "batch": cfg.train.batch_size, "paths": results}
 
 
@@ -229,8 +231,8 @@ def child(args: list) -> dict:
     if kind == "memory":
         cache_dir, images, size, batches, batch, release = rest
         return measure_memory(cache_dir, int(images), int(size), int(batches), int(batch), release == "1")
-    workdir, seconds, rounds = rest
-    return measure_speed(workdir, float(seconds), int(rounds))
+    workdir, seconds, rounds, names = rest
+    return measure_speed(workdir, float(seconds), int(rounds), names.split(","))
 
 
 def speed_table(paths: dict) -> list[str]:
@@ -283,14 +285,17 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=100)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--train-images", type=int, default=1000, help="synthetic cells for the speed test")
-    parser.add_argument("--seconds", type=float, default=15.0, help="timed seconds per round and path")
-    parser.add_argument("--rounds", type=int, default=5, help="old/new alternations")
+    parser.add_argument("--seconds", type=float, default=10.0, help="timed seconds per round and path")
+    parser.add_argument("--rounds", type=int, default=3, help="alternations of the paths")
+    parser.add_argument("--paths", nargs="+", default=list(SPEED_PATHS), choices=SPEED_PATHS,
+                        help="input paths in the speed test; old is always among them")
     parser.add_argument("--unreleased", action="store_true", help="also run the memory test without release")
     parser.add_argument("--skip", choices=["memory", "speed"], help="run only the other measurement")
     parser.add_argument("--tmp", default=tempfile.gettempdir(), help="where the cache goes (8.8 GB by default)")
     parser.add_argument("--json", help="also write the results here")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.paths = ["old", *(p for p in args.paths if p != "old")]
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
@@ -303,10 +308,13 @@ def main() -> None:
                                 args.batch)), release) for release in ("1", "0")[: 1 + args.unreleased]]
             shutil.rmtree(Path(tmp) / "cache")
         if args.skip != "speed":
+            import datasets
+
             from hemcap.recipes import prepare_synthetic
 
+            datasets.disable_progress_bars()
             prepare_synthetic(Path(tmp) / "cells", n_train=args.train_images, n_val=8, n_test=8, size=96)
-            speed = run_child("speed", tmp, str(args.seconds), str(args.rounds))
+            speed = run_child("speed", tmp, str(args.seconds), str(args.rounds), ",".join(args.paths))
     load += " / %.1f" % os.getloadavg()[0]
     print(report(memory, speed, "python eval/bench_input_memory.py " + " ".join(sys.argv[1:]), load))
     if args.json:

@@ -7,7 +7,7 @@ memory a run takes does not grow with the data set (10,000 images at 896 px are 
 Batches are a pure function of (seed, step): the order comes from a permutation seeded by the
 epoch, the caption variant and the augmentations from a generator seeded by the step. A run
 resumed at step k therefore sees exactly the batches an uninterrupted run would. A
-``Prefetcher`` builds the next ones on a background thread while the model trains.
+``Prefetcher`` can build the next ones on a background thread while the model trains.
 """
 
 from __future__ import annotations
@@ -262,15 +262,19 @@ class Prefetcher:
         self._thread.start()
         ready.wait()
         if self.threads:
-            torch.set_num_threads(default)  # the thread's set_num_threads also set the default for new threads
+            torch.set_num_threads(default)  # the thread's set_num_threads also changed the default of new threads
 
-    def _work(self, step: int, out: queue.Queue, stop: threading.Event, ready: threading.Event) -> None:
+    def _set_threads(self, ready: threading.Event) -> None:
+        """This thread's torch threads; then the caller may go on."""
         try:
             if self.threads:
-                torch.get_num_threads()  # a thread takes torch's default on first use: first, so it is not taken later
+                torch.get_num_threads()  # a thread takes the default on first use: now, before the caller restores it
                 torch.set_num_threads(self.threads)
         finally:
             ready.set()
+
+    def _work(self, step: int, out: queue.Queue, stop: threading.Event, ready: threading.Event) -> None:
+        self._set_threads(ready)
         while not stop.is_set():
             try:
                 item = self.build(step)

@@ -294,14 +294,13 @@ def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tu
 
 
 def _prefetcher(cfg: RunConfig, accelerator, build) -> Prefetcher:
-    """``build`` for each micro-step: on a GPU two ahead on a thread; on a CPU when asked for,
-    unless ``train.prefetch`` says otherwise.
+    """``build`` per micro-step: two ahead on a thread on a GPU, when asked for on a CPU (``train.prefetch`` overrides).
 
     On a GPU the training thread mostly waits for the device. On a CPU the model's OpenMP threads
-    already fill every core: quickstart steps (batch 32, 96 px, 2 cores, 2026-11-28) took 108-134
-    ms building on the training thread (8 ms of it), 110-131 ms with a prefetch thread running
-    one torch thread, and 160-173 ms with one running torch's default two, which puts more
-    OpenMP threads than cores in the process (eval/bench_input_memory.py).
+    already fill every core: on 2 cores (quickstart, 2026-11-28, eval/bench_input_memory.py) a
+    prefetch thread running torch's default 2 threads cut samples/s by 24 % against building on
+    the training thread (8 ms of a 110 ms step), and one running a single torch thread, as a CPU
+    thread here does, was no faster (median ratio 0.97).
     """
     cpu = accelerator.device.type == "cpu"
     ahead = cfg.train.prefetch if cfg.train.prefetch is not None else (0 if cpu else 2)
