@@ -447,8 +447,8 @@ def _flag_overrides(flags: dict) -> list[tuple[str, Any]]:
     unknown = set(flags) - set(FLAG_KEYS)
     if unknown:
         raise TypeError(f"unknown flags: {', '.join(sorted(unknown))}")
-    return [(key, value if fixed is None else fixed)
-            for name, value in flags.items() if value is not None and value is not False  # --threads 0 meets the check
+    given = {name: value for name, value in flags.items() if value is not None and value is not False}  # keeps 0
+    return [(key, value if fixed is None else fixed) for name, value in given.items()
             for key, fixed in FLAG_KEYS[name].items()]
 
 

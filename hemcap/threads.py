@@ -2,8 +2,8 @@
 
 PyTorch's OpenMP threads work in lock-step; when another process holds one of two cores, the
 thread that shares that core is descheduled mid-op and its partner spins waiting for it. On the
-project's 2-core machine the quickstart trained at 330 samples/s idle with 2 threads, at 105 with
-2 threads beside one busy process, and at 200 with 1 thread beside it (BENCHMARKS.md). So the
+project's 2-core machine, beside one busy process, the quickstart trained at 94 samples/s with 2
+threads and at 205 with 1; idle, at 253 with 2 (eval/bench_threads.py, BENCHMARKS.md). So the
 default is the cores we may use (``os.sched_getaffinity``) minus the cores other processes use
 right now, read from the per-CPU busy time in ``/proc/stat`` over 0.15 s, less our own CPU time
 (``/proc/self/stat``). Without ``/proc`` (macOS) the 1-minute load average stands in; when nothing
@@ -52,7 +52,9 @@ def parse_proc_stat(text: str) -> dict[int, tuple[int, int]]:
         name, *fields = line.split() or [""]
         if not (name.startswith("cpu") and name[3:].isdigit()):
             continue
-        ticks = [int(f) for f in fields[:8]]  # user nice system idle iowait irq softirq steal (guest is in user)
+        # user nice system idle iowait irq softirq steal (guest is in user). Niced time counts: with
+        # autogroup scheduling (on here) a niced process in another session still gets its session's share.
+        ticks = [int(f) for f in fields[:8]]
         idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
         cpus[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
     return cpus

@@ -150,7 +150,8 @@ def setup(cfg: RunConfig) -> Run:
     precision = resolve_precision(cfg.train.precision)
     accelerator = Accelerator(mixed_precision={"fp32": "no"}.get(precision, precision), log_with="tensorboard",
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "tb")))
-    threads.use_threads(threads.choose_threads(cfg.train.threads, threads.local_processes()))  # after the launcher's rendezvous
+    # after Accelerator(): sibling processes have met at its rendezvous, not still importing torch (which reads as busy)
+    threads.use_threads(threads.choose_threads(cfg.train.threads, threads.local_processes()))
     resume_dir = _resume_dir(cfg, out, accelerator)
     set_seed(cfg.train.seed)
     dataset, meta, schema = _load_data(cfg, accelerator)
