@@ -1,0 +1,84 @@
+"""Red-cell size estimates (hemcap.smear.magnification) against labelled red-cell boxes, per source.
+
+    python eval/bench_red_cells.py --data /work/shared/data/txl_pbc --split val
+    python eval/bench_red_cells.py --data /work/shared/data/bccd --split train
+    python eval/bench_red_cells.py --split train --fit     # the calibration factor (train only)
+
+Target per image: the median labelled red-cell box side (mean of width and height). Printed per
+source: images, share within +-10 %, median |error|, share that could not be estimated, share
+resolve_red_cell_size would send to the default, and mean ms per image on one core (estimate only,
+JPEG decode excluded).
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # one core, before numpy loads
+    os.environ.setdefault(_var, "1")
+
+import argparse  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+from collections import defaultdict  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hemcap.images import load_rgb  # noqa: E402
+from hemcap.smear.labelled import load_smears  # noqa: E402
+from hemcap.smear.magnification import CALIBRATION, MIN_CONFIDENCE, estimate_red_cell_px  # noqa: E402
+
+DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "txl_pbc"
+TOLERANCE = 0.10
+
+
+def measure(root: Path, split: str) -> dict[str, list[tuple[float, float | None, float, float]]]:
+    """Source -> (target px, estimate px or None, confidence, ms) per image with labelled red cells."""
+    rows: dict[str, list] = defaultdict(list)
+    for smear in load_smears(root, split):
+        target = smear.median_red_cell_px()
+        if target is None:
+            continue
+        image = load_rgb(smear.path)
+        start = time.perf_counter()
+        size = estimate_red_cell_px(image)
+        rows[smear.source].append((target, size.px, size.confidence, 1000 * (time.perf_counter() - start)))
+    return rows
+
+
+def table(rows: dict[str, list]) -> list[str]:
+    lines = [f"{'source':12s} {'images':>6s} {'within10%':>9s} {'med|err|':>8s} {'no est.':>7s} "
+             f"{'default':>7s} {'ms/img':>6s}"]
+    for source, items in sorted(rows.items()):
+        errors = [abs(px / target - 1) for target, px, _, _ in items if px is not None]
+        within = sum(e <= TOLERANCE for e in errors) / len(items)
+        failed = sum(px is None for _, px, _, _ in items) / len(items)
+        default = sum(px is None or conf < MIN_CONFIDENCE for _, px, conf, _ in items) / len(items)
+        median = 100 * statistics.median(errors) if errors else float("nan")
+        ms = statistics.mean(ms for *_, ms in items)
+        lines.append(f"{source:12s} {len(items):6d} {within:9.2f} {median:7.1f}% {failed:7.2f} {default:7.2f} {ms:6.1f}")
+    return lines
+
+
+def fitted_calibration(rows: dict[str, list]) -> float:
+    """Median of target / uncalibrated estimate over all images (one global factor)."""
+    return statistics.median(target / (px / CALIBRATION) for items in rows.values()
+                             for target, px, _, _ in items if px is not None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--fit", action="store_true", help="print the calibration factor (train split only)")
+    args = parser.parse_args(argv)
+    if args.fit and args.split != "train":
+        parser.error("--fit fits on the train split only")
+    rows = measure(args.data, args.split)
+    print(f"{args.data} {args.split}: estimate within {TOLERANCE:.0%} of the median red-cell box side")
+    print("\n".join(table(rows)))
+    if args.fit:
+        print(f"calibration: {fitted_calibration(rows):.3f} (now {CALIBRATION})")
+
+
+if __name__ == "__main__":
+    main()
