@@ -35,8 +35,9 @@ import pandas as pd  # noqa: E402
 
 from hemcap import review  # noqa: E402
 from hemcap.images import ImageError, load_rgb  # noqa: E402
-from hemcap.smear import (Detection, SmearPipeline, SmearReport, StainDetector, StainDetectorConfig,  # noqa: E402
-                          crop_cells, draw_overlay)
+from hemcap.smear import (Detection, Detector, SmearPipeline, SmearReport, StainDetector,  # noqa: E402
+                          build_detector, crop_cells, draw_overlay)
+from hemcap.smear.report import describe_red_cells  # noqa: E402
 
 log = logging.getLogger("hemcap.demo")
 
@@ -51,6 +52,7 @@ EXAMPLES = (  # drawn by demo/make_examples.py with hemcap.synthetic: no patient
 MAX_UPLOAD = "20mb"  # a 40-megapixel JPEG (hemcap.images.MAX_PIXELS) is about 15 MB
 SYNTHETIC_RED_CELL_PX = 60  # hemcap.synthetic smears (640x480): red cells 0.41 x 0.29 x 480 px across
 BCCD_RED_CELL_PX = 100  # BCCD fields (640x480 at 100x oil), the stain detector's scale 1
+MEASURE = 0  # the red-cell slider's value for "measure it on the image" (hemcap.smear.magnification)
 DISPLAY_MIN_SIDE = 320  # px: cell pictures smaller than this are enlarged on the page
 MIN_CONFIDENCE = 0.5  # attributes stated with a lower token probability are marked for review
 KIND_CHOICES = [("Detect automatically", "auto"), ("Smear: find the white cells", "smear"), ("One cell", "cell")]
@@ -93,20 +95,21 @@ class Reviewer:
     """The loaded captioner and what the page needs to analyse one image with it."""
 
     def __init__(self, engine, model: review.ModelSummary, workdir: str | Path,
-                 min_confidence: float = MIN_CONFIDENCE):
+                 min_confidence: float = MIN_CONFIDENCE, detector: Detector | None = None):
         self.engine = engine
+        self.detector = detector or StainDetector()
         self.model = model
         self.workdir = Path(workdir)
         self.min_confidence = min_confidence
-        self.default_red_cell_px = SYNTHETIC_RED_CELL_PX if model.recipe == "synthetic" else BCCD_RED_CELL_PX
+        self.default_red_cell_px = SYNTHETIC_RED_CELL_PX if model.recipe == "synthetic" else MEASURE
 
     def analyse(self, path: str | Path, kind: str = "auto", red_cell_px: float | None = None) -> Review:
-        """Read, detect, caption and report; ImageError when the file is not a usable image."""
+        """Read, detect, caption and report; ImageError when the file is not a usable image.
+        ``red_cell_px`` 0 or None: measured on the image."""
         start, notes = time.perf_counter(), []
         image = load_rgb(path, notes=notes)
-        scale = (red_cell_px or self.default_red_cell_px) / BCCD_RED_CELL_PX
-        pipeline = SmearPipeline(self.engine, StainDetector(StainDetectorConfig(scale=scale)),
-                                 min_confidence=self.min_confidence)
+        pipeline = SmearPipeline(self.engine, self.detector, min_confidence=self.min_confidence,
+                                 red_cell_px=red_cell_px or None)
         report = pipeline.run_auto(image, Path(path).name, kind, notes=notes)  # the name only: no server paths
         downloads = review.write_downloads(report, self.engine.schema, self.workdir / uuid.uuid4().hex,
                                            model=self.model.name)
@@ -162,8 +165,9 @@ def status_markdown(result: Review) -> str:
         head = f"**Smear:** {len(report.cells)} white cell{plural} found"
         if report.flagged:
             head += f", {len(report.flagged)} flagged for review (⚠)"
+        head += f" · {describe_red_cells(report.red_cells)}"
         if not report.cells:
-            head += (". If this image holds white cells, set the red-cell diameter to match its magnification, "
+            head += (". If this image holds white cells, check the red-cell diameter against its magnification, "
                      "or choose *One cell* for a single-cell crop")
     lines = [f"{head} · analysed in {result.seconds:.1f} s"]
     return "\n\n".join(lines + [f"*Note: {html.escape(note)}*" for note in report.notes])
@@ -213,7 +217,8 @@ def input_panel(red_cell_px: float) -> SimpleNamespace:
     ui = SimpleNamespace()
     ui.upload = gr.File(label="Smear image or single-cell crop", type="filepath", height=150, elem_id="upload")
     ui.kind = gr.Radio(KIND_CHOICES, value="auto", label="Image type")
-    ui.red_cell = gr.Slider(30, 250, value=red_cell_px, step=5, label="Red-cell diameter in pixels (magnification)",
+    ui.red_cell = gr.Slider(MEASURE, 250, value=red_cell_px, step=5,
+                            label="Red-cell diameter in pixels (0: measure it on the image)",
                             info=f"about {BCCD_RED_CELL_PX} for a 640×480 field at 100× oil; "
                                  f"{SYNTHETIC_RED_CELL_PX} for the synthetic examples")
     ui.button = gr.Button("Analyse", variant="primary")
@@ -301,20 +306,23 @@ def run_review(reviewer: Reviewer, file: str | None, kind: str, red_cell_px: flo
 # ------------------------------------------------------------------------------ start
 
 
-def load_reviewer(model_dir: str | Path, workdir: str | Path, device: str | None = None) -> Reviewer:
+def load_reviewer(model_dir: str | Path, workdir: str | Path, device: str | None = None,
+                  detector_dir: str | Path | None = None) -> Reviewer:
     from hemcap.engine import CaptionEngine
 
-    reviewer = Reviewer(CaptionEngine.from_dir(model_dir, device=device), review.summarize_model(model_dir), workdir)
+    detector = build_detector(detector_dir=detector_dir)
+    reviewer = Reviewer(CaptionEngine.from_dir(model_dir, device=device), review.summarize_model(model_dir), workdir,
+                        detector=detector)
     reviewer.warm_up()
     return reviewer
 
 
 def launch(model_dir: str | Path, host: str = "127.0.0.1", port: int | None = None, share: bool = False,
-           block: bool = True, device: str | None = None) -> gr.Blocks:
+           block: bool = True, device: str | None = None, detector_dir: str | Path | None = None) -> gr.Blocks:
     """Load the model once and serve the page; with ``block``, until Ctrl+C."""
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
     workdir = tempfile.TemporaryDirectory(prefix="hemcap-demo-")
-    app = build_app(load_reviewer(model_dir, workdir.name, device))
+    app = build_app(load_reviewer(model_dir, workdir.name, device, detector_dir))
     app.workdir = workdir  # the downloads' folder lives as long as the app
     serve(app, host, port, share)
     print(f"hemcap demo: open {app.local_url}" + (f" or {app.share_url}" if app.share_url else "")

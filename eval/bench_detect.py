@@ -1,16 +1,20 @@
-"""White-cell detection on BCCD: AP@0.5 (pycocotools COCOeval), recall@0.5, mean IoU of the
-matched boxes, and smears per second on one core (JPEG decode included).
+"""White-cell detection per source lab: AP@0.5 (pycocotools COCOeval), recall@0.5, mean IoU of the
+matched boxes, and smears per second (JPEG decode + red-cell measurement + detection), in one table.
 
-    python eval/bench_detect.py                          # official test split (72 smears)
-    python eval/bench_detect.py --split train --tune     # the search the defaults came from
-    python eval/bench_detect.py --overlays docs/ --ids BloodImage_00007 BloodImage_00011
+    python eval/bench_detect.py --data txl_pbc --split val                    # stain detector, 4 labs
+    python eval/bench_detect.py --data txl_pbc --split val --detector runs/detector --threads 2
+    python eval/bench_detect.py --data bccd --split test                      # BCCD's official test split
+    python eval/bench_detect.py --data txl_pbc --split val --red-cells labels # magnification from the labels
+    python eval/bench_detect.py --data bccd --split train --tune              # the stain detector's search
+    python eval/bench_detect.py --data bccd --overlays docs/ --ids BloodImage_00007
 
-Figures are printed twice: on the whole split, and on the smears with at least one labelled WBC.
-Four test smears (BloodImage_00135, 00171, 00178, 00327) show a white cell that carries no label,
-so a correct detection there counts as a false positive; the second set leaves them out.
+``--data`` is ``txl_pbc``, ``bccd`` (folders of ../shared/data) or a path. Each smear's red-cell size
+is measured on the image (``--red-cells estimated``, what ``hemcap detect`` does), or taken from the
+labelled red-cell boxes (``labels``: the detector alone, without the estimator's error).
 
-The detector's defaults (hemcap.smear.detect.StainDetectorConfig) were chosen with --tune on the train
-split only. --tune refuses the test split.
+On BCCD's test split four smears (BloodImage_00135, 00171, 00178, 00327) show a white cell that
+carries no label, so a correct detection there counts as a false positive; the row "BCCD, labelled
+only" leaves out the smears without a labelled WBC. --tune refuses the test split.
 """
 
 from __future__ import annotations
@@ -21,24 +25,21 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):  # o
     os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
-import contextlib  # noqa: E402
-import io  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-import xml.etree.ElementTree as ET  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
+from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-import numpy as np  # noqa: E402
-
 from hemcap.images import load_rgb  # noqa: E402
-from hemcap.smear import Detection, Detector, StainDetector, StainDetectorConfig  # noqa: E402
+from hemcap.smear import Detection, Detector, StainDetector, StainDetectorConfig, build_detector  # noqa: E402
+from hemcap.smear.labelled import WBC, LabelledSmear, load_smears  # noqa: E402
+from hemcap.smear.magnification import measure_red_cells  # noqa: E402
+from hemcap.smear.scoring import detection_metrics, metrics_by_source  # noqa: E402
 
-DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "bccd"
-LABEL = "WBC"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # A change must raise AP + recall + mean IoU by more than this to replace the default (less is noise:
-# one of the 214 train boxes moving by a few pixels).
+# one of the 214 BCCD train boxes moving by a few pixels).
 TUNE_TOLERANCE = 0.002
 # Values --tune tries around the defaults, one parameter group at a time (train split only).
 TUNE_GRID = {
@@ -54,123 +55,52 @@ TUNE_GRID = {
 }
 
 
-@dataclass(frozen=True)
-class Smear:
-    """One BCCD image and its labelled white cells (boxes in pixel edges)."""
-
-    name: str
-    path: Path
-    boxes: list[tuple[float, float, float, float]]
-
-
-def read_voc_boxes(xml_path: Path, label: str = LABEL) -> list[tuple[float, float, float, float]]:
-    """Boxes of one class in a Pascal VOC file, read as pixel edges (x0, y0, x1, y1)."""
-    boxes = []
-    for obj in ET.parse(xml_path).getroot().iter("object"):
-        if (obj.findtext("name") or "").strip() == label:
-            bb = obj.find("bndbox")
-            boxes.append(tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
-    return boxes
+def red_cell_px(smear: LabelledSmear, image, origin: str, detector: Detector) -> float | None:
+    """The red-cell size the detector gets: measured on the image (by the detector when it can, as
+    ``hemcap detect`` does), or the labels' median box side."""
+    if origin == "labels":
+        return smear.median_red_cell_px()
+    return measure_red_cells(image, detector=detector).px
 
 
-def load_split(root: Path, split: str) -> list[Smear]:
-    names = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
-    return [Smear(n, root / "JPEGImages" / f"{n}.jpg", read_voc_boxes(root / "Annotations" / f"{n}.xml"))
-            for n in names]
-
-
-def run_detector(smears: list[Smear], detector: Detector) -> tuple[dict[str, list[Detection]], float]:
-    """Detections per smear and the seconds spent decoding + detecting (one process, one core)."""
-    detector(load_rgb(smears[0].path))  # warm-up: lazy imports are not part of the rate
-    found, seconds = {}, 0.0
+def run_detector(smears: list[LabelledSmear], detector: Detector,
+                 origin: str = "estimated") -> tuple[dict[str, list[Detection]], dict[str, float]]:
+    """Detections per smear and seconds per smear (decode + red-cell size + detection, this process)."""
+    first = load_rgb(smears[0].path)
+    detector(first, red_cell_px=red_cell_px(smears[0], first, origin, detector))  # warm-up: lazy imports are not the rate
+    found, seconds = {}, {}
     for smear in smears:
         start = time.perf_counter()
-        found[smear.name] = detector(load_rgb(smear.path), path=smear.path)
-        seconds += time.perf_counter() - start
+        image = load_rgb(smear.path)
+        found[smear.name] = detector(image, path=smear.path, red_cell_px=red_cell_px(smear, image, origin, detector))
+        seconds[smear.name] = time.perf_counter() - start
     return found, seconds
 
 
-def coco_metrics(smears: list[Smear], found: dict[str, list[Detection]]) -> dict:
-    """AP@0.5, recall@0.5 and mean IoU of matched pairs, all from pycocotools' matching."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
-    truth, results = _coco_ground_truth(smears), _coco_results(smears, found)
-    with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
-        gt = COCO()
-        gt.dataset = truth
-        gt.createIndex()
-        evaluation = COCOeval(gt, gt.loadRes(results) if results else COCO(), "bbox")
-        evaluation.params.iouThrs = np.array([0.5])
-        evaluation.params.areaRng, evaluation.params.areaRngLbl = [[0, 1e10]], ["all"]
-        evaluation.params.maxDets = [100]
-        evaluation.evaluate()
-        evaluation.accumulate()
-    precision = evaluation.eval["precision"][0, :, 0, 0, 0]
-    ious = _matched_ious(evaluation)
-    n_truth = len(truth["annotations"])
-    return {"smears": len(smears), "wbc": n_truth, "detections": len(results),
-            "ap50": float(precision[precision > -1].mean()) if results else 0.0,
-            "recall50": len(ious) / max(n_truth, 1), "mean_iou": float(np.mean(ious)) if ious else 0.0}
+def table(smears: list[LabelledSmear], found: dict, seconds: dict) -> list[str]:
+    """One row per source and one for all: counts, AP@0.5, recall@0.5, mean IoU, smears/s."""
+    rows = metrics_by_source(smears, found)
+    if any(not s.of(WBC) for s in smears) and len(rows) == 2:  # one source with unlabelled smears (BCCD test)
+        labelled = [s for s in smears if s.of(WBC)]
+        rows[f"{smears[0].source}, labelled only"] = detection_metrics(labelled, found)
+    lines = ["| source | smears | WBC | detections | AP@0.5 | recall@0.5 | mean IoU | smears/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for source, m in rows.items():
+        chosen = [s.name for s in smears if source in ("all", s.source) or source.startswith(s.source + ",")]
+        rate = len(chosen) / max(sum(seconds[n] for n in chosen), 1e-9)
+        lines.append(f"| {source} | {m['smears']} | {m['wbc']} | {m['detections']} | {m['ap50']:.3f} | "
+                     f"{m['recall50']:.3f} | {m['mean_iou']:.3f} | {rate:.1f} |")
+    return lines
 
 
-def _coco_ground_truth(smears: list[Smear]) -> dict:
-    images, annotations = [], []
-    for image_id, smear in enumerate(smears, 1):
-        images.append({"id": image_id, "file_name": smear.path.name, "width": 640, "height": 480})
-        for x0, y0, x1, y1 in smear.boxes:
-            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 1, "iscrowd": 0,
-                                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0)})
-    return {"images": images, "annotations": annotations, "categories": [{"id": 1, "name": LABEL}]}
-
-
-def _coco_results(smears: list[Smear], found: dict[str, list[Detection]]) -> list[dict]:
-    return [{"image_id": image_id, "category_id": 1, "score": d.score,
-             "bbox": [d.box[0], d.box[1], d.width, d.height]}
-            for image_id, smear in enumerate(smears, 1) for d in found[smear.name]]
-
-
-def _matched_ious(evaluation) -> list[float]:
-    """IoU of every ground-truth box COCOeval matched at IoU 0.5."""
-    from pycocotools import mask
-
-    ious = []
-    for image in evaluation.evalImgs:
-        if image is None:
-            continue
-        for gt_id, dt_id in zip(image["gtIds"], image["gtMatches"][0]):
-            if dt_id:
-                gt_box = evaluation.cocoGt.anns[gt_id]["bbox"]
-                dt_box = evaluation.cocoDt.anns[int(dt_id)]["bbox"]
-                ious.append(float(mask.iou([dt_box], [gt_box], [0])[0, 0]))
-    return ious
-
-
-def report(title: str, metrics: dict, seconds: float | None = None) -> str:
-    rate = f", {metrics['smears'] / seconds:.1f} smears/s" if seconds else ""
-    counts = f"smears {metrics['smears']:>3}  WBC {metrics['wbc']:>3}  detections {metrics['detections']:>3}"
-    scores = f"AP@0.5 {metrics['ap50']:.4f}  recall@0.5 {metrics['recall50']:.4f}  mean IoU {metrics['mean_iou']:.4f}"
-    return f"{title:<34} {counts}  {scores}{rate}"
-
-
-def benchmark(smears: list[Smear], detector: Detector, split: str) -> None:
-    found, seconds = run_detector(smears, detector)
-    labelled = [s for s in smears if s.boxes]
-    print(report(f"{split}: all smears", coco_metrics(smears, found), seconds))
-    print(report(f"{split}: smears with a labelled WBC", coco_metrics(labelled, found)))
-    left_out = [s.name for s in smears if not s.boxes]
-    print(f"left out of the second set (no labelled WBC): {', '.join(left_out) or 'none'}")
-    print(f"time: {1000 * seconds / len(smears):.1f} ms per smear (JPEG decode + detection, one process)")
-
-
-def tune(smears: list[Smear], base: StainDetectorConfig) -> StainDetectorConfig:
+def tune(smears: list[LabelledSmear], base: StainDetectorConfig, origin: str) -> StainDetectorConfig:
     """Coordinate search: each parameter group in turn, keeping the best by AP + recall + mean IoU."""
-    best, best_key = base, _objective(smears, base)
+    best, best_key = base, _objective(smears, base, origin)
     print(f"start: {best_key}")
     for name, values in TUNE_GRID.items():
         for value in values:
             candidate = replace(best, **{name: value})
-            key = _objective(smears, candidate)
+            key = _objective(smears, candidate, origin)
             print(f"  {name}={value}: AP {key[1]:.4f} recall {key[2]:.4f} mean IoU {key[3]:.4f}")
             if key[0] > best_key[0] + TUNE_TOLERANCE:
                 best, best_key = candidate, key
@@ -178,13 +108,13 @@ def tune(smears: list[Smear], base: StainDetectorConfig) -> StainDetectorConfig:
     return best
 
 
-def _objective(smears: list[Smear], config: StainDetectorConfig) -> tuple[float, float, float, float]:
-    found, _ = run_detector(smears, StainDetector(config))
-    m = coco_metrics(smears, found)
+def _objective(smears, config: StainDetectorConfig, origin: str) -> tuple[float, float, float, float]:
+    found, _ = run_detector(smears, StainDetector(config), origin)
+    m = detection_metrics(smears, found)
     return m["ap50"] + m["recall50"] + m["mean_iou"], m["ap50"], m["recall50"], m["mean_iou"]
 
 
-def save_overlays(smears: list[Smear], detector: Detector, out_dir: Path) -> list[Path]:
+def save_overlays(smears: list[LabelledSmear], detector: Detector, out_dir: Path, origin: str) -> list[Path]:
     """PNGs with the labelled boxes (green) and the detections (red, with scores)."""
     from PIL import ImageDraw, ImageFont
 
@@ -193,9 +123,9 @@ def save_overlays(smears: list[Smear], detector: Detector, out_dir: Path) -> lis
     written = []
     for smear in smears:
         image = load_rgb(smear.path)
-        found = detector(image, path=smear.path)
+        found = detector(image, path=smear.path, red_cell_px=red_cell_px(smear, image, origin, detector))
         draw = ImageDraw.Draw(image)
-        for box in smear.boxes:
+        for box in smear.of(WBC):
             draw.rectangle(box, outline=(0, 170, 0), width=4)
         for d in found:
             draw.rectangle(d.box, outline=(220, 0, 0), width=2)
@@ -206,28 +136,44 @@ def save_overlays(smears: list[Smear], detector: Detector, out_dir: Path) -> lis
     return written
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="BCCD folder (VOC layout)")
+    parser.add_argument("--data", default="bccd", help="txl_pbc, bccd (in ../shared/data) or a labelled folder")
     parser.add_argument("--split", default="test", choices=("train", "val", "test", "trainval"))
-    parser.add_argument("--tune", action="store_true", help="search the thresholds on --split (never test)")
+    parser.add_argument("--detector", default="stain", help="'stain' (weight-free) or a learned detector's folder")
+    parser.add_argument("--red-cells", default="estimated", choices=("estimated", "labels"),
+                        help="each smear's red-cell size: measured on the image, or the labels' median box side")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for a learned detector")
+    parser.add_argument("--tune", action="store_true", help="search the stain thresholds on --split (never test)")
     parser.add_argument("--overlays", type=Path, help="write overlay PNGs to this folder")
     parser.add_argument("--ids", nargs="+", help="with --overlays: these smears (default: the first two)")
     args = parser.parse_args(argv)
-    if not (args.data / "Annotations").is_dir():
-        parser.error(f"BCCD not found at {args.data} (expected Annotations/, JPEGImages/, ImageSets/)")
-    smears = load_split(args.data, args.split)
+    if args.tune and args.split == "test":
+        parser.error("--tune on the test split is not allowed: tune on train, report on test")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    root = Path(args.data) if Path(args.data).is_dir() else SHARED_DATA / args.data
+    smears = load_smears(root, args.split)
     if args.tune:
-        if args.split == "test":
-            parser.error("--tune on the test split is not allowed: tune on train, report on test")
-        print(f"best: {tune(smears, StainDetectorConfig())}")
+        print(f"best: {tune(smears, StainDetectorConfig(), args.red_cells)}")
         return 0
+    if args.threads > 1:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    detector = StainDetector() if args.detector == "stain" else build_detector(detector_dir=args.detector)
     if args.overlays:
         chosen = [s for s in smears if s.name in set(args.ids)] if args.ids else smears[:2]
-        for path in save_overlays(chosen, StainDetector(), args.overlays):
+        for path in save_overlays(chosen, detector, args.overlays, args.red_cells):
             print(f"wrote {path}")
         return 0
-    benchmark(smears, StainDetector(), args.split)
+    found, seconds = run_detector(smears, detector, args.red_cells)
+    print(f"{root.name} {args.split}, detector {args.detector}, red cells {args.red_cells}, "
+          f"{args.threads} thread(s):")
+    print("\n".join(table(smears, found, seconds)))
     return 0
 
 

@@ -3,11 +3,13 @@
     python eval/bench_red_cells.py --data /work/shared/data/txl_pbc --split val
     python eval/bench_red_cells.py --data /work/shared/data/bccd --split train
     python eval/bench_red_cells.py --split train --fit     # the calibration factor (train only)
+    python eval/bench_red_cells.py --split val --detector runs/detector --threads 2   # a learned detector's red cells
 
 Target per image: the median labelled red-cell box side (mean of width and height). Printed per
 source: images, share within +-10 %, median |error|, share that could not be estimated, share
-resolve_red_cell_size would send to the default, and mean ms per image on one core (estimate only,
-JPEG decode excluded).
+resolve_red_cell_size would send to the default, and mean ms per image (estimate only, JPEG decode
+excluded; one core unless --threads). With --detector, the learned detector measures the red cells
+(``estimate_red_cells``: its red-cell boxes, looked for at the disc estimate, then at what it found).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "txl_pb
 TOLERANCE = 0.10
 
 
-def measure(root: Path, split: str) -> dict[str, list[tuple[float, float | None, float, float]]]:
+def measure(root: Path, split: str, estimate=estimate_red_cell_px) -> dict[str, list[tuple[float, float | None, float, float]]]:
     """Source -> (target px, estimate px or None, confidence, ms) per image with labelled red cells."""
     rows: dict[str, list] = defaultdict(list)
     for smear in load_smears(root, split):
@@ -40,7 +42,7 @@ def measure(root: Path, split: str) -> dict[str, list[tuple[float, float | None,
             continue
         image = load_rgb(smear.path)
         start = time.perf_counter()
-        size = estimate_red_cell_px(image)
+        size = estimate(image)
         rows[smear.source].append((target, size.px, size.confidence, 1000 * (time.perf_counter() - start)))
     return rows
 
@@ -65,15 +67,28 @@ def fitted_calibration(rows: dict[str, list]) -> float:
                              for target, px, _, _ in items if px is not None)
 
 
+def _estimator(detector: Path | None, threads: int):
+    if detector is None:
+        return estimate_red_cell_px
+    import torch
+
+    from hemcap.smear.learned import load_detector
+
+    torch.set_num_threads(threads)
+    return load_detector(detector).estimate_red_cells
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--split", default="val")
     parser.add_argument("--fit", action="store_true", help="print the calibration factor (train split only)")
+    parser.add_argument("--detector", type=Path, help="a learned detector's folder: it measures the red cells")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for --detector")
     args = parser.parse_args(argv)
-    if args.fit and args.split != "train":
-        parser.error("--fit fits on the train split only")
-    rows = measure(args.data, args.split)
+    if args.fit and (args.split != "train" or args.detector):
+        parser.error("--fit fits the disc estimate's calibration, on the train split only")
+    rows = measure(args.data, args.split, _estimator(args.detector, args.threads))
     print(f"{args.data} {args.split}: estimate within {TOLERANCE:.0%} of the median red-cell box side")
     print("\n".join(table(rows)))
     if args.fit:

@@ -357,27 +357,82 @@ def _add_detect(sub) -> None:
     detect.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     detect.add_argument("--crop-size", type=int, default=384, help="side of the square crops in pixels (0: keep)")
     detect.add_argument("--margin", type=float, default=0.6, help="context around each box, share of its longer side")
-    detect.add_argument("--scale", type=float, default=1.0,
-                        help="magnification vs BCCD: your red-cell diameter in pixels / 100 (synthetic smears: 0.6)")
+    _add_detector_options(detect)
     detect.add_argument("--min-score", type=float, default=0.0, help="drop detections scoring below this")
-    detect.add_argument("--yolo-dir", help="take boxes from YOLO txt predictions in this folder instead")
-    detect.add_argument("--coco-json", help="take boxes from this COCO predictions file instead")
     detect.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default 40,000,000)")
     detect.set_defaults(run=_run_detect)
 
 
 def _run_detect(args) -> int:
-    from hemcap.smear import build_detector, write_detections
+    from hemcap.smear import write_detections
 
-    detector = build_detector(args.yolo_dir, args.coco_json, scale=args.scale, min_score=args.min_score)
+    from hemcap.smear.report import describe_red_cells
+
+    detector = _detector(args, min_score=args.min_score)
     out, summary = write_detections(args.images, args.out, detector, crop_size=args.crop_size or None,
-                                    margin=args.margin, overwrite=args.overwrite, max_pixels=args.max_pixels)
+                                    margin=args.margin, overwrite=args.overwrite, max_pixels=args.max_pixels,
+                                    red_cell_px=args.red_cell_px)
+    for row in summary["per_image"]:
+        print(f"{row['image']}: {row['cells']} cells, {describe_red_cells(row['red_cells'])}")
     failed = [problem for problem in summary["problems"] if "error" in problem]
     for problem in failed:
         print(f"could not read {problem['file']}: {problem['error']}", file=sys.stderr)
     read, skipped = summary["per_image"], sum("skipped" in problem for problem in summary["problems"])
     print(f"files: {len(read)} read, {len(failed)} unreadable, {skipped} not images; "
           f"{sum(row['cells'] for row in read)} cells; wrote {out} (problems.json lists each problem)")
+    return 0
+
+
+def _add_detector_options(parser) -> None:
+    """Which detector finds the cells, and the smears' magnification (shared by detect and caption)."""
+    parser.add_argument("--red-cell-px", type=float,
+                        help="red-cell diameter in pixels on your images (default: measured on each image)")
+    parser.add_argument("--detector", metavar="DIR",
+                        help="a learned detector (hemcap train-detector's output) instead of the stain detector")
+    parser.add_argument("--yolo-dir", help="take boxes from YOLO txt predictions in this folder instead")
+    parser.add_argument("--coco-json", help="take boxes from this COCO predictions file instead")
+
+
+def _detector(args, min_score: float = 0.0):
+    from hemcap.smear import build_detector
+
+    if args.red_cell_px is not None and not args.red_cell_px > 0:
+        raise UserError(f"--red-cell-px must be > 0 (the red-cell diameter in pixels), got {args.red_cell_px}")
+    return build_detector(args.yolo_dir, args.coco_json, detector_dir=args.detector, min_score=min_score)
+
+
+@subcommand
+def _add_train_detector(sub) -> None:
+    from hemcap.smear.train_detector import DetectorTrainingConfig as Defaults
+
+    train = sub.add_parser(
+        "train-detector", help="train the learned white-cell detector from random weights (CPU, about 15 min)",
+        description="Train the learned white-cell detector on labelled smears (TXL-PBC's YOLO layout or BCCD's "
+                    "VOC layout), measure it on their val splits per source lab, and save it (safetensors + "
+                    "hemcap_detector.json) for `hemcap detect/caption/demo --detector DIR`. Training smears that "
+                    "are copies of validation smears are left out.")
+    train.add_argument("--data", action="append", required=True, metavar="DIR",
+                       help="labelled folder whose train split is learned from (repeat for several)")
+    train.add_argument("--val-data", action="append", metavar="DIR",
+                       help="folder whose val split measures the detector (repeatable; default: each --data)")
+    train.add_argument("--out", default=Defaults.out, help="folder to write (must not exist unless --overwrite)")
+    train.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    train.add_argument("--epochs", type=int, default=Defaults.epochs, help="passes over the training smears")
+    train.add_argument("--minutes", type=float, default=Defaults.minutes, help="stop training after this long")
+    train.add_argument("--batch-size", type=int, default=Defaults.batch_size)
+    train.add_argument("--seed", type=int, default=Defaults.seed)
+    _add_threads(train)
+    train.set_defaults(run=_run_train_detector)
+
+
+def _run_train_detector(args) -> int:
+    from hemcap.smear.train_detector import DetectorTrainingConfig, train
+
+    _use_threads(args)
+    cfg = DetectorTrainingConfig(data=tuple(args.data), val_data=tuple(args.val_data or ()), out=args.out,
+                                 epochs=args.epochs, minutes=args.minutes, batch_size=args.batch_size, seed=args.seed)
+    out = train(cfg, overwrite=args.overwrite)
+    print(f"wrote {out}: use it with `hemcap detect --detector {out}` (figures in {out}/hemcap_detector.json)")
     return 0
 
 
@@ -403,12 +458,9 @@ def _add_caption(sub) -> None:
     caption.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: as validation)")
     caption.add_argument("--min-confidence", type=float, default=0.5,
                          help="flag attributes stated with a lower token probability")
-    caption.add_argument("--detector-scale", type=float, default=1.0,
-                         help="magnification vs BCCD: your red-cell diameter in pixels / 100 (synthetic smears: 0.6)")
     caption.add_argument("--margin", type=float, default=0.6, help="context around each cell's box, share of its side")
     caption.add_argument("--crop-size", type=int, default=0, help="side of the crops (0: the model's input size)")
-    caption.add_argument("--yolo-dir", help="take boxes from YOLO txt predictions in this folder instead")
-    caption.add_argument("--coco-json", help="take boxes from this COCO predictions file instead")
+    _add_detector_options(caption)
     caption.add_argument("--crops", action="store_true", help="also save each cell's crop under <image>_crops/")
     caption.add_argument("--max-pixels", type=int, help="refuse images with more pixels (default 40,000,000)")
     _add_device(caption)
@@ -419,14 +471,13 @@ def _add_caption(sub) -> None:
 
 def _run_caption(args) -> int:
     from hemcap.engine import CaptionEngine
-    from hemcap.smear import SmearPipeline, build_detector, process_images, process_state, summary_lines
+    from hemcap.smear import SmearPipeline, process_images, process_state, summary_lines
 
     process_state()  # join a launcher's group first: sibling processes still starting up would read as busy
     _use_threads(args)
     engine = CaptionEngine.from_dir(args.model, **_engine_options(args))
-    detector = build_detector(args.yolo_dir, args.coco_json, scale=args.detector_scale)
-    pipeline = SmearPipeline(engine, detector, crop_size=args.crop_size or None, margin=args.margin,
-                             min_confidence=args.min_confidence)
+    pipeline = SmearPipeline(engine, _detector(args), crop_size=args.crop_size or None, margin=args.margin,
+                             min_confidence=args.min_confidence, red_cell_px=args.red_cell_px)
     summary = process_images(args.images, args.out, pipeline, kind=args.kind, overwrite=args.overwrite,
                              crops=args.crops, max_pixels=args.max_pixels)
     if process_state().is_main_process:
@@ -444,6 +495,8 @@ def _add_demo(sub) -> None:
     demo.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
     demo.add_argument("--port", type=int, default=7860)
     demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.add_argument("--detector", metavar="DIR",
+                      help="a learned detector (hemcap train-detector's output) instead of the stain detector")
     _add_device(demo)
     _add_threads(demo)
     demo.set_defaults(run=_run_demo)
@@ -457,7 +510,8 @@ def _run_demo(args) -> int:
     app = _import_demo_app()
     _use_threads(args)
     try:
-        app.launch(model_dir, host=args.host, port=args.port, share=args.share, device=args.device)
+        app.launch(model_dir, host=args.host, port=args.port, share=args.share, device=args.device,
+                   detector_dir=args.detector)
     except OSError as error:
         raise UserError(str(error)) from error
     return 0

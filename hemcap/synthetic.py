@@ -691,6 +691,14 @@ def draw_smear(seed: int, n_wbc: int | None = None,
     WBC. Boxes are tight around the whole cell (cytoplasm included), in pixel edges
     (xmax - xmin = width), entirely inside the image, and never overlap each other.
     """
+    image, cells, _ = draw_smear_with_red_cells(seed, n_wbc, size)
+    return image, cells
+
+
+def draw_smear_with_red_cells(seed: int, n_wbc: int | None = None, size: tuple[int, int] = (640, 480)
+                              ) -> tuple[Image.Image, list[dict], list[tuple[int, int, int, int]]]:
+    """``draw_smear``'s image and white cells, and a box per red cell (clipped to the image, as
+    BCCD's are; cells mostly outside it are left out)."""
     width, height = size
     streams = _streams(seed)
     rng = streams["geometry"]
@@ -713,10 +721,20 @@ def draw_smear(seed: int, n_wbc: int | None = None,
         * _PLATELET_OD
     image = _composite(_rbc_density((height, width), rbcs), canvas, streams["stain"],
                        streams["noise"], blur=0.6)
-    return image, cells
+    return image, cells, [box for rbc in rbcs if (box := _red_cell_box(rbc, size))]
 
 
-def _voc_xml(image_id: str, size_wh, cells: list[dict]) -> ET.ElementTree:
+def _red_cell_box(rbc: tuple, size: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """The clipped box of an elliptic red cell, None when under half its width or height is inside."""
+    cy, cx, r, aspect, angle = rbc
+    half_w = math.hypot(r * math.cos(angle), r * aspect * math.sin(angle))
+    half_h = math.hypot(r * math.sin(angle), r * aspect * math.cos(angle))
+    x0, x1 = max(0, round(cx - half_w)), min(size[0], round(cx + half_w))
+    y0, y1 = max(0, round(cy - half_h)), min(size[1], round(cy + half_h))
+    return (x0, y0, x1, y1) if x1 - x0 >= half_w and y1 - y0 >= half_h else None
+
+
+def _voc_xml(image_id: str, size_wh, cells: list[dict], red_cells: list[tuple] = ()) -> ET.ElementTree:
     root = ET.Element("annotation")
     ET.SubElement(root, "folder").text = "JPEGImages"
     ET.SubElement(root, "filename").text = f"{image_id}.jpg"
@@ -724,13 +742,13 @@ def _voc_xml(image_id: str, size_wh, cells: list[dict]) -> ET.ElementTree:
     for tag, value in zip(("width", "height", "depth"), (*size_wh, 3)):
         ET.SubElement(size_el, tag).text = str(value)
     ET.SubElement(root, "segmented").text = "0"
-    for cell in cells:
+    for name, box_values in [("WBC", cell["box"]) for cell in cells] + [("RBC", box) for box in red_cells]:
         obj = ET.SubElement(root, "object")
-        for tag, value in (("name", "WBC"), ("pose", "Unspecified"),
+        for tag, value in (("name", name), ("pose", "Unspecified"),
                            ("truncated", "0"), ("difficult", "0")):
             ET.SubElement(obj, tag).text = value
         box = ET.SubElement(obj, "bndbox")
-        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), cell["box"]):
+        for tag, value in zip(("xmin", "ymin", "xmax", "ymax"), box_values):
             ET.SubElement(box, tag).text = str(value)
     tree = ET.ElementTree(root)
     ET.indent(tree)
@@ -759,9 +777,9 @@ def _write_smear_files(root: Path, n: int, seed: int, size_wh) -> None:
     ids = []
     for i, child in enumerate(np.random.SeedSequence(seed).spawn(n)):
         image_id = f"synth_{i:05d}"
-        image, cells = draw_smear(int(child.generate_state(1)[0]), size=size_wh)
+        image, cells, red_cells = draw_smear_with_red_cells(int(child.generate_state(1)[0]), size=size_wh)
         image.save(root / "JPEGImages" / f"{image_id}.jpg", quality=92)
-        _voc_xml(image_id, size_wh, cells).write(root / "Annotations" / f"{image_id}.xml")
+        _voc_xml(image_id, size_wh, cells, red_cells).write(root / "Annotations" / f"{image_id}.xml")
         entry, annotations = _coco_entries(i + 1, image_id, size_wh, cells,
                                            len(coco["annotations"]) + 1)
         coco["images"].append(entry)
@@ -774,7 +792,7 @@ def _write_smear_files(root: Path, n: int, seed: int, size_wh) -> None:
 def write_smears(out_dir: str | Path, n: int, seed: int = 0, size=(640, 480)) -> Path:
     """Write n smears as a VOC + COCO detection set; out_dir appears complete or not at all.
 
-    Layout: JPEGImages/<id>.jpg, Annotations/<id>.xml (class "WBC"), annotations.json (COCO,
+    Layout: JPEGImages/<id>.jpg, Annotations/<id>.xml (classes "WBC" and "RBC", as BCCD's), annotations.json (COCO,
     category WBC = 1, each annotation with its "attributes"), ImageSets/Main/all.txt.
     """
     out_dir = Path(out_dir)

@@ -283,7 +283,7 @@ def test_model_summary_reads_a_hub_model_card(tmp_path):
 
 
 def test_synthetic_models_default_to_the_synthetic_magnification(tmp_path, reviewer):
-    assert reviewer.default_red_cell_px == demo_app.BCCD_RED_CELL_PX  # the fixture model has no training record
+    assert reviewer.default_red_cell_px == demo_app.MEASURE  # the fixture model has no training record: measured per image
     summary = review.ModelSummary("m", "d", [], "s", recipe="synthetic")
     assert demo_app.Reviewer(reviewer.engine, summary, tmp_path).default_red_cell_px == demo_app.SYNTHETIC_RED_CELL_PX
 

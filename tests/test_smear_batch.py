@@ -52,12 +52,12 @@ def true_counts(smear_set: Path) -> dict[str, int]:
 def test_caption_command_on_synthetic_smears(model_dir, smears, tmp_path, capsys):
     out = tmp_path / "reports"
     argv = ["caption", str(smears / "JPEGImages"), "--model", str(model_dir), "--out", str(out), "--detect",
-            "--detector-scale", "0.6", "--max-new-tokens", "6", "--crops"]
+            "--red-cell-px", "60", "--max-new-tokens", "6", "--crops"]
     assert main(argv) == 0
     truth = true_counts(smears)
     for stem, n_true in truth.items():
         report = json.loads((out / f"{stem}.json").read_text())
-        assert set(report) == REPORT_KEYS
+        assert set(report) == REPORT_KEYS | {"red_cells"}
         assert abs(len(report["cells"]) - n_true) <= 1, f"{stem}: {len(report['cells'])} cells found, {n_true} drawn"
         assert report["kind"] == "smear" and (report["width"], report["height"]) == (640, 480)
         assert sum(row["count"] for row in report["differential"].values()) == len(report["cells"])
@@ -167,7 +167,7 @@ def test_accelerate_launch_splits_images_across_processes(model_dir, smears, tmp
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "hemcap.cli",
                "caption", str(smears / "JPEGImages"), "--model", str(model_dir), "--out", str(out), "--detect",
-               "--detector-scale", "0.6", "--max-new-tokens", "4"]
+               "--red-cell-px", "60", "--max-new-tokens", "4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -225,7 +225,8 @@ def test_detect_batch_reports_each_bad_file_and_goes_on(tmp_path):
     assert said["labels.csv"][0][0] == "skipped" and "not an image" in said["labels.csv"][0][1]
     assert {file for file, items in said.items() if items[0][0] in ("error", "skipped")} == {
         "broken.jpg", "huge.png", "labels.csv"}
-    assert rows["empty.png"]["cells"] == 0 and "empty.png" not in said
+    assert rows["empty.png"]["cells"] == 0 and rows["empty.png"]["red_cells"]["origin"] == "default"
+    assert [kind for kind, note in said["empty.png"] if "red-cell size" not in note] == []  # only that it was guessed
     assert rows["smear.jpg"]["cells"] and rows["sub/smear.jpg"]["cells"]
     assert rows["cmyk.jpg"]["cells"] and rows["alpha.png"]["cells"]
     assert any("grayscale" in note for _, note in said["gray.png"]) and rows["gray.png"]["cells"] == 0
@@ -246,7 +247,7 @@ def test_cli_detect(tmp_path, capsys):
     smear.save(tmp_path / "smear.png")
     (tmp_path / "junk.jpg").write_text("nope")
     code = main(["detect", str(tmp_path / "smear.png"), str(tmp_path / "junk.jpg"), "--out", str(tmp_path / "o"),
-                 "--scale", "0.6", "--crop-size", "32"])
+                 "--red-cell-px", "60", "--crop-size", "32"])
     captured = capsys.readouterr()
     assert code == 0 and f"files: 1 read, 1 unreadable, 0 not images; {len(cells)} cells" in captured.out
     assert "junk.jpg" in captured.err

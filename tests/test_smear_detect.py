@@ -123,8 +123,10 @@ def test_build_detector_choices(tmp_path):
     (tmp_path / "s.txt").write_text("0 0.5 0.5 0.5 0.5 0.2\n0 0.5 0.5 0.1 0.1 0.9\n")
     saved = build_detector(yolo_dir=tmp_path, min_score=0.5)
     assert [d.score for d in saved(np.zeros((10, 10, 3), np.uint8), path="s.png")] == [0.9]
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="not YOLO txt and COCO JSON"):
         build_detector(yolo_dir=tmp_path, coco_json=tmp_path / "x.json")
+    with pytest.raises(FileNotFoundError, match="not a hemcap detector folder"):
+        build_detector(detector_dir=tmp_path)
 
 
 BCCD_CASES = {"BloodImage_00065": 2, "BloodImage_00031": 2, "BloodImage_00007": 1}  # test split, labelled WBC

@@ -6,10 +6,11 @@ captions say. Synthetic smears carry the true cell boxes.
 """
 
 import pytest
+from PIL import Image
 
 from hemcap.engine import Caption
-from hemcap.smear import (CellReport, Detection, SmearPipeline, StainDetector, StainDetectorConfig, YoloPredictions,
-                          looks_like_cell)
+from hemcap.smear import (CellReport, Detection, SmearPipeline, SmearReport, StainDetector, StainDetectorConfig,
+                          YoloPredictions, describe_red_cells, looks_like_cell)
 from hemcap.synthetic import draw_smear, make_cells
 
 SYNTHETIC = StainDetectorConfig(scale=0.6)  # synthetic smears: red cells ~60 px across, BCCD's ~100
@@ -53,8 +54,8 @@ def test_auto_rule_tells_cells_from_smears():
 
 
 def test_pipeline_settings_are_checked(engine):
-    with pytest.raises(ValueError, match="crop_size must be >= 1.*margin must be >= 0.*min_confidence"):
-        SmearPipeline(engine, crop_size=-1, margin=-0.1, min_confidence=2)
+    with pytest.raises(ValueError, match="crop_size must be >= 1.*margin must be >= 0.*min_confidence.*red_cell_px"):
+        SmearPipeline(engine, crop_size=-1, margin=-0.1, min_confidence=2, red_cell_px=0)
     assert SmearPipeline(engine).crop_size == 64  # the captioner's input side
 
 
@@ -93,3 +94,19 @@ def test_pipeline_flags_from_captions(pipeline):
     monocyte = CellReport(4, None, None, "a caption", {"cell_type": "Monocyte"}, {"cell_type": 0.8}, {}, [])
     report = pipeline._report("x.jpg", (64, 48), [cell, monocyte], [], "smear")
     assert report.flagged == [3] and report.counts() == {"Monocyte": 2}
+
+
+def test_report_records_the_red_cell_size_used_and_where_it_came_from(engine):
+    image, cells = draw_smear(1)
+    measured = SmearPipeline(engine, StainDetector()).run(image, "smear.png")
+    assert measured.red_cells["origin"] == "estimated" and measured.red_cells["method"] == "red-cell discs"
+    assert 50 <= measured.red_cells["px"] <= 70  # hemcap.synthetic red cells: ~57-62 px at 640x480
+    assert len(measured.cells) == len(cells)  # the detector worked at the measured magnification
+    given = SmearPipeline(engine, StainDetector(), red_cell_px=60).run(image, "smear.png")
+    assert given.red_cells == {"px": 60.0, "confidence": 1.0, "cells": 0, "origin": "given", "note": "", "method": ""}
+    assert describe_red_cells(given.red_cells) == "red cells 60 px (given)"
+    assert describe_red_cells(measured.red_cells).startswith("red cells ") and "estimated: red-cell discs" in \
+        describe_red_cells(measured.red_cells)
+    blank = SmearPipeline(engine, StainDetector()).run(Image.new("RGB", (640, 480), (235, 230, 228)), "blank.png")
+    assert blank.red_cells["origin"] == "default" and any("red-cell size" in note for note in blank.notes)
+    assert SmearReport.from_dict(given.to_dict()).red_cells == given.red_cells

@@ -36,6 +36,7 @@ from hemcap.fileio import staging_dir, write_json
 from hemcap.images import MAX_PIXELS, NOT_AN_IMAGE, ImageError, iter_images, load_rgb
 from hemcap.smear.coco import coco_box, to_coco
 from hemcap.smear.detect import Detector, StainDetector, crop_cells, find_cells
+from hemcap.smear.magnification import measure_red_cells
 from hemcap.smear.pipeline import KINDS, SmearPipeline
 from hemcap.smear.report import (UNCLASSIFIED, SmearReport, complete_report, counts_table, read_report,
                                  write_report)
@@ -201,17 +202,22 @@ def merge_summary(entries: Sequence[tuple[Path, str | None]], jobs: Sequence[Job
 class DetectTask(Task):
     """Each image's cells as square crops ``crops/<stem>_<n>.png`` in ``folder``; COCO boxes and problems at the end."""
 
-    def __init__(self, detector: Detector, folder: Path, crop_size: int | None = 384, margin: float = 0.6):
+    def __init__(self, detector: Detector, folder: Path, crop_size: int | None = 384, margin: float = 0.6,
+                 red_cell_px: float | None = None):
         self.detector, self.folder, self.crop_size, self.margin = detector, Path(folder), crop_size, margin
+        self.red_cell_px = red_cell_px  # None: measured on each image
 
     def __call__(self, image: Image.Image, path: Path, stem: str, notes: list[str]) -> dict:
-        detections = find_cells(self.detector, image, path, notes)
+        red_cells = measure_red_cells(image, self.red_cell_px, self.detector)
+        notes += [red_cells.note] if red_cells.note else []
+        detections = find_cells(self.detector, image, path, notes, red_cells.px)
         names = [f"crops/{stem}_{number}.png" for number in range(len(detections))]
         (self.folder / "crops").mkdir(exist_ok=True)
         for name, crop in zip(names, crop_cells(image, detections, self.crop_size, self.margin)):
             crop.save(self.folder / name)  # inside the staging folder: it appears whole with the rest
         boxes = [{**coco_box(detection), "crop": name} for detection, name in zip(detections, names)]
-        return {"width": image.width, "height": image.height, "cells": len(detections), "boxes": boxes, "notes": notes}
+        return {"width": image.width, "height": image.height, "red_cells": red_cells.as_dict(), "cells": len(detections),
+                "boxes": boxes, "notes": notes}
 
     def write(self, summary: dict) -> None:
         write_json(self.folder / "detections.json", to_coco(summary["per_image"]))
@@ -220,20 +226,22 @@ class DetectTask(Task):
 
 def write_detections(paths: Iterable[str | Path], out_dir: str | Path, detector: Detector | None = None,
                      crop_size: int | None = 384, margin: float = 0.6, overwrite: bool = False,
-                     max_pixels: int | None = None) -> tuple[Path, dict]:
+                     max_pixels: int | None = None, red_cell_px: float | None = None) -> tuple[Path, dict]:
     """Detect cells in every image and write ``out_dir`` atomically (a staging folder, then a rename);
     return it and the batch's summary (``merge_summary``):
 
     - ``detections.json``: COCO boxes with scores for the images that were read; each
       annotation names its crop;
     - ``crops/<stem>_<n>.png``: one square crop per cell, ``crop_size`` pixels a side (``output_stems``);
+    - the summary's per-image rows: size, red-cell size used (``red_cell_px`` given, else measured
+      on the image) and the number of cells;
     - ``problems.json``: ``{"file", "error"}`` for each file that could not be read,
       ``{"file", "skipped"}`` for a folder's other files, ``{"file", "note"}`` for conversions
       (grayscale, 16-bit, alpha, CMYK).
     """
     out_dir = Path(out_dir)
     with staging_dir(out_dir, overwrite) as staging:
-        task = DetectTask(detector or StainDetector(), staging, crop_size, margin)
+        task = DetectTask(detector or StainDetector(), staging, crop_size, margin, red_cell_px)
         summary = run_batch(paths, staging, task, max_pixels=max_pixels, progress=False)
     return out_dir, summary
 

@@ -25,7 +25,7 @@ granule rule checked on ``hemcap.synthetic`` smears; the test split gave only th
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Protocol, Union
 
@@ -57,13 +57,16 @@ class Detection:
 
 
 class Detector(Protocol):
-    """Anything that finds cells: ``detector(image, path=None) -> list[Detection]``.
+    """Anything that finds cells: ``detector(image, path=None, red_cell_px=None) -> list[Detection]``.
 
     ``path`` names the file the image came from; detectors that look up predictions saved by
-    another tool need it, the stain detector ignores it.
+    another tool need it, the others ignore it. ``red_cell_px`` is the image's red-cell diameter
+    in pixels, its magnification (``hemcap.smear.magnification``); detectors that work at a
+    fixed magnification measure it themselves when it is None, saved predictions ignore it.
     """
 
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]: ...
+    def __call__(self, image: ImageLike, path: str | Path | None = None,
+                 red_cell_px: float | None = None) -> list[Detection]: ...
 
 
 # ------------------------------------------------------------------------------ stain detector
@@ -127,8 +130,9 @@ class StainDetector:
     def __init__(self, config: StainDetectorConfig | None = None):
         self.config = config or StainDetectorConfig()
 
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
-        cfg = self.config
+    def __call__(self, image: ImageLike, path: str | Path | None = None,
+                 red_cell_px: float | None = None) -> list[Detection]:
+        cfg = self.config if red_cell_px is None else replace(self.config, scale=red_cell_px / 100)
         factor = max(1, round(cfg.work_scale * cfg.scale))
         small = _shrink(as_pil_rgb(image), factor)
         px = cfg.scale * small.width / image_size(image)[0]  # working pixels per BCCD pixel
@@ -143,9 +147,9 @@ def detect(image: ImageLike, config: StainDetectorConfig | None = None) -> list[
 
 
 def find_cells(detector: Detector, image: Image.Image, path: str | Path | None = None,
-               notes: list[str] | None = None) -> list[Detection]:
+               notes: list[str] | None = None, red_cell_px: float | None = None) -> list[Detection]:
     """``detector``'s cells; a note in ``notes`` says why when the stain detector finds none on a grey image."""
-    detections = detector(image, path=path)
+    detections = detector(image, path=path, red_cell_px=red_cell_px)
     if notes is not None and not detections and isinstance(detector, StainDetector) and is_grey(image):
         notes.append(NEEDS_COLOUR)
     return detections

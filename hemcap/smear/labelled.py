@@ -13,6 +13,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from hemcap.smear.detect import Box
@@ -98,3 +99,21 @@ def _voc_smear(root: Path, name: str) -> LabelledSmear:
         if label and bb is not None:
             boxes.setdefault(label, []).append(tuple(float(bb.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax")))
     return LabelledSmear(name, root / "JPEGImages" / f"{name}.jpg", (width, height), boxes, "BCCD")
+
+
+def fingerprint(path: Path) -> np.ndarray:
+    """A 16x12 grey thumbnail: equal for copies of one image under other names, sizes or JPEG settings."""
+    with Image.open(path) as image:
+        return np.asarray(image.convert("L").resize((16, 12), Image.BILINEAR), np.float32).ravel()
+
+
+def without_copies(train: list[LabelledSmear], held_out: list[LabelledSmear],
+                   tolerance: float = 3.0) -> tuple[list[LabelledSmear], int]:
+    """``train`` less the smears that are copies of a ``held_out`` one (mean grey difference under
+    ``tolerance`` of 255), and the number dropped. TXL-PBC's val split holds 26 of BCCD's train smears
+    under other names: training on both would measure on training images. Other smears differ by 12+."""
+    if not train or not held_out:
+        return train, 0
+    kept_out = np.stack([fingerprint(s.path) for s in held_out])
+    keep = [s for s in train if np.abs(kept_out - fingerprint(s.path)).mean(axis=1).min() >= tolerance]
+    return keep, len(train) - len(keep)

@@ -30,6 +30,7 @@ cells are oval with loose boxes (the inscribed disc runs ~6 % below its box side
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -57,6 +58,7 @@ class RedCellSize:
     cells: int  # red cells (discs) the estimate rests on
     origin: str  # "estimated", "given" or "default"
     note: str = ""  # why it could not estimate, or why the confidence is low
+    method: str = "red-cell discs"  # what measured it: this module's discs, or a learned detector's red cells
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -178,16 +180,23 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cumulative, cumulative[-1] / 2)])
 
 
-def resolve_red_cell_size(image: ImageLike, given: float | None = None,
-                          default: float = DEFAULT_RED_CELL_PX) -> RedCellSize:
-    """The size to use: ``given`` when set, else the estimate, else ``default`` with the reason."""
+def resolve_red_cell_size(image: ImageLike, given: float | None = None, default: float = DEFAULT_RED_CELL_PX,
+                          estimate: Callable[[ImageLike], RedCellSize] | None = None) -> RedCellSize:
+    """The size to use: ``given`` when set, else the estimate (``estimate``, default
+    ``estimate_red_cell_px``), else ``default`` with the reason."""
     if given is not None:
         if not given > 0:
             raise ValueError(f"given red-cell size must be > 0, got {given}")
-        return RedCellSize(float(given), 1.0, 0, "given")
-    estimate = estimate_red_cell_px(image)
+        return RedCellSize(float(given), 1.0, 0, "given", method="")
+    estimate = (estimate or estimate_red_cell_px)(image)
     if estimate.px is not None and estimate.confidence >= MIN_CONFIDENCE:
         return estimate
     reason = estimate.note or "no estimate"
     return RedCellSize(float(default), estimate.confidence, estimate.cells, "default",
-                       f"using the default {default:g} px: {reason}")
+                       f"using the default {default:g} px: {reason}", method="")
+
+
+def measure_red_cells(image: ImageLike, given: float | None = None, detector=None) -> RedCellSize:
+    """``resolve_red_cell_size`` for an image about to go through ``detector``: a detector that finds
+    red cells itself (the learned one has ``estimate_red_cells``) measures them, others use the discs."""
+    return resolve_red_cell_size(image, given, estimate=getattr(detector, "estimate_red_cells", None))

@@ -75,10 +75,13 @@ def _footer(canvas: Image.Image, report: SmearReport, font) -> None:
     """The differential on a translucent strip along the bottom edge."""
     from PIL import ImageDraw
 
+    from hemcap.smear.report import describe_red_cells
+
     counts = ", ".join(f"{n} {name}" for name, n in report.counts().items())
     n = len(report.cells)
     text = f"{n} cell{'s' if n != 1 else ''}" + (f": {counts}" if counts else " found")
     text += f"; {len(report.flagged)} flagged (!)" if report.flagged else ""
+    text += f"; {describe_red_cells(report.red_cells)}" if report.red_cells else ""
     strip = Image.new("RGBA", canvas.size, (0, 0, 0, 0))
     draw = ImageDraw.Draw(strip)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)

@@ -37,6 +37,7 @@ from PIL import Image
 
 from hemcap.images import square_crop
 from hemcap.smear.detect import Detection, Detector, StainDetector, as_pil_rgb, crop_cells, find_cells
+from hemcap.smear.magnification import RedCellSize, measure_red_cells
 from hemcap.smear.report import CellReport, SmearReport, cell_flags, differential
 
 KINDS = ("auto", "smear", "cell")
@@ -52,7 +53,7 @@ class SmearPipeline:
     """Detector + captioner: ``SmearPipeline(engine).run(smear)`` -> ``SmearReport``."""
 
     def __init__(self, engine, detector: Detector | None = None, crop_size: int | None = None,
-                 margin: float = 0.6, min_confidence: float = 0.5):
+                 margin: float = 0.6, min_confidence: float = 0.5, red_cell_px: float | None = None):
         problems = []
         if crop_size is not None and crop_size < 1:
             problems.append(f"crop_size must be >= 1, got {crop_size}")
@@ -60,6 +61,8 @@ class SmearPipeline:
             problems.append(f"margin must be >= 0, got {margin}")
         if not 0 <= min_confidence <= 1:
             problems.append(f"min_confidence must be in [0, 1], got {min_confidence}")
+        if red_cell_px is not None and not red_cell_px > 0:
+            problems.append(f"red_cell_px must be > 0 (the red-cell diameter in pixels), got {red_cell_px}")
         if problems:
             raise ValueError("SmearPipeline: " + "; ".join(problems))
         self.engine = engine
@@ -67,6 +70,7 @@ class SmearPipeline:
         self.crop_size = crop_size or engine_input_size(engine)
         self.margin = margin
         self.min_confidence = min_confidence
+        self.red_cell_px = red_cell_px  # None: measured on each image
         schema = engine.schema
         self.cell_type_field = schema.cell_type_field if schema.targets else None
         self.cell_types = schema.values(self.cell_type_field) if self.cell_type_field else ()
@@ -74,15 +78,15 @@ class SmearPipeline:
     def run(self, image: Image.Image, name: str = "", notes: list[str] | None = None) -> SmearReport:
         """Every white cell the detector finds, captioned in one batch."""
         image, notes = self._prepare(image, notes)
-        return self._smear(image, name, self._detect(image, name, notes), notes)
+        return self._smear(image, name, *self._detect(image, name, notes), notes)
 
     def run_cell(self, image: Image.Image, name: str = "", notes: list[str] | None = None) -> SmearReport:
         """The whole image as one cell (padded to a square with the slide background, then resized)."""
         image, notes = self._prepare(image, notes)
-
         crop = square_crop(image, (0, 0, image.width, image.height), 0.0, self.crop_size)
         (caption,) = self.engine.caption([crop])
-        return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell")
+        red_cells = measure_red_cells(image, self.red_cell_px, self.detector)  # a crop rarely shows enough: no note
+        return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell", red_cells)
 
     def run_auto(self, image: Image.Image, name: str = "", kind: str = "auto",
                  notes: list[str] | None = None) -> SmearReport:
@@ -92,10 +96,10 @@ class SmearPipeline:
         if kind == "cell":
             return self.run_cell(image, name, notes)
         image, notes = self._prepare(image, notes)
-        detections = self._detect(image, name, notes)
+        detections, red_cells = self._detect(image, name, notes)
         if kind == "auto" and looks_like_cell(image.size, detections):
             return self.run_cell(image, name, notes)
-        return self._smear(image, name, detections, notes)
+        return self._smear(image, name, detections, red_cells, notes)
 
     def _prepare(self, image: Image.Image, notes: list[str] | None) -> tuple[Image.Image, list[str]]:
         from hemcap.images import describe_mode, to_rgb
@@ -106,15 +110,19 @@ class SmearPipeline:
             return to_rgb(image), notes
         return as_pil_rgb(image), notes
 
-    def _detect(self, image: Image.Image, name: str, notes: list[str]) -> list[Detection]:
-        return find_cells(self.detector, image, name or None, notes)
+    def _detect(self, image: Image.Image, name: str, notes: list[str]) -> tuple[list[Detection], RedCellSize]:
+        red_cells = measure_red_cells(image, self.red_cell_px, self.detector)
+        if red_cells.note:
+            notes.append(red_cells.note)
+        return find_cells(self.detector, image, name or None, notes, red_cells.px), red_cells
 
-    def _smear(self, image: Image.Image, name: str, detections: list[Detection], notes: list[str]) -> SmearReport:
+    def _smear(self, image: Image.Image, name: str, detections: list[Detection], red_cells: RedCellSize,
+               notes: list[str]) -> SmearReport:
         crops = crop_cells(image, detections, self.crop_size, self.margin)
         captions = self.engine.caption(crops)
         cells = [self._cell(number, detection, caption, crop)
                  for number, (detection, caption, crop) in enumerate(zip(detections, captions, crops), 1)]
-        return self._report(name, image.size, cells, notes, "smear")
+        return self._report(name, image.size, cells, notes, "smear", red_cells)
 
     def _cell(self, index: int, detection: Detection | None, caption, crop: Image.Image) -> CellReport:
         confidences = {k: None if v is None else round(float(v), 4) for k, v in caption.confidences.items()}
@@ -126,10 +134,11 @@ class SmearPipeline:
                           flags, crop)
 
     def _report(self, name: str, size: tuple[int, int], cells: list[CellReport], notes: list[str],
-                kind: str) -> SmearReport:
+                kind: str, red_cells: RedCellSize | None = None) -> SmearReport:
         table = differential(cells, self.cell_types, self.cell_type_field)
         flagged = [cell.index for cell in cells if cell.flags]
-        return SmearReport(str(name), int(size[0]), int(size[1]), cells, table, flagged, notes, kind)
+        return SmearReport(str(name), int(size[0]), int(size[1]), cells, table, flagged, notes, kind,
+                           red_cells.as_dict() if red_cells else None)
 
 
 def engine_input_size(engine) -> int:

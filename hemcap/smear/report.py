@@ -62,11 +62,12 @@ class SmearReport:
     flagged: list[int]  # indexes of the cells with flags
     notes: list[str]  # conversions done on the image, detector remarks
     kind: str = "smear"  # smear: cells were detected; cell: the image was captioned as one cell
+    red_cells: dict | None = None  # the red-cell size used: px, origin (estimated/given/default), confidence, ...
 
     def to_dict(self) -> dict:
         return {"image": self.image, "width": self.width, "height": self.height, "kind": self.kind,
-                "cells": [cell.to_dict() for cell in self.cells], "differential": self.differential,
-                "flagged": list(self.flagged), "notes": list(self.notes)}
+                "red_cells": self.red_cells, "cells": [cell.to_dict() for cell in self.cells],
+                "differential": self.differential, "flagged": list(self.flagged), "notes": list(self.notes)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "SmearReport":
@@ -74,7 +75,8 @@ class SmearReport:
         if missing:
             raise ValueError(f"not a smear report: keys {sorted(missing)} missing")
         return cls(data["image"], data["width"], data["height"], [CellReport.from_dict(c) for c in data["cells"]],
-                   data["differential"], list(data["flagged"]), list(data["notes"]), data["kind"])
+                   data["differential"], list(data["flagged"]), list(data["notes"]), data["kind"],
+                   data.get("red_cells"))  # reports written before red cells were measured have none
 
     def counts(self) -> dict[str, int]:
         """Cell type -> count, only the types present."""
@@ -88,6 +90,16 @@ class SmearReport:
         """The cell type a cell's caption states, else ``unclassified``."""
         known = set(self.cell_types())
         return next((value for value in cell.attributes.values() if value in known), UNCLASSIFIED)
+
+
+def describe_red_cells(red_cells: dict | None) -> str:
+    """The red-cell size a report used, in words: "red cells 97 px (estimated, confidence 0.86)"."""
+    if not red_cells or red_cells.get("px") is None:
+        return "red-cell size not recorded"
+    origin = red_cells.get("origin", "")
+    if origin == "estimated":
+        origin = f"estimated: {red_cells.get('method') or 'measured'}, confidence {red_cells['confidence']:.2f}"
+    return f"red cells {red_cells['px']:.0f} px ({origin})"
 
 
 def differential(cells: Sequence[CellReport], cell_types: Sequence[str],

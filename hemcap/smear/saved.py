@@ -23,7 +23,8 @@ class YoloPredictions:
         self.classes = None if classes is None else {int(c) for c in classes}
         self.label = label
 
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
+    def __call__(self, image: ImageLike, path: str | Path | None = None,
+                 red_cell_px: float | None = None) -> list[Detection]:
         if path is None:
             raise ValueError("YoloPredictions finds boxes by image file name: call it with path=")
         file = self.directory / f"{Path(path).stem}.txt"
@@ -83,7 +84,8 @@ class CocoPredictions:
                 name = names.get(ann.get("image_id"), str(ann.get("image_id")))
                 self.by_name.setdefault(name, []).append(_coco_detection(ann, f"{file}, annotation {number}", label))
 
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
+    def __call__(self, image: ImageLike, path: str | Path | None = None,
+                 red_cell_px: float | None = None) -> list[Detection]:
         if path is None:
             raise ValueError("CocoPredictions finds boxes by image file name: call it with path=")
         path = Path(path)
@@ -132,16 +134,27 @@ class MinScore:
     def __init__(self, detector: Detector, min_score: float):
         self.detector, self.min_score = detector, min_score
 
-    def __call__(self, image: ImageLike, path: str | Path | None = None) -> list[Detection]:
-        return [d for d in self.detector(image, path=path) if d.score >= self.min_score]
+    def __call__(self, image: ImageLike, path: str | Path | None = None,
+                 red_cell_px: float | None = None) -> list[Detection]:
+        return [d for d in self.detector(image, path=path, red_cell_px=red_cell_px) if d.score >= self.min_score]
 
 
 def build_detector(yolo_dir: str | Path | None = None, coco_json: str | Path | None = None,
-                   scale: float = 1.0, min_score: float = 0.0) -> Detector:
-    """The detector the command line asks for: saved YOLO or COCO predictions, else the stain detector."""
-    if yolo_dir and coco_json:
-        raise ValueError("give saved predictions as YOLO txt or as COCO JSON, not both")
-    if yolo_dir or coco_json:
-        saved = YoloPredictions(yolo_dir) if yolo_dir else CocoPredictions(coco_json)
-        return MinScore(saved, min_score) if min_score > 0 else saved
-    return StainDetector(StainDetectorConfig(scale=scale, min_score=min_score))
+                   detector_dir: str | Path | None = None, min_score: float = 0.0) -> Detector:
+    """The detector the command line asks for: saved YOLO or COCO predictions, a learned detector's
+    folder, else the weight-free stain detector."""
+    given = [name for name, value in (("YOLO txt", yolo_dir), ("COCO JSON", coco_json), ("a detector folder", detector_dir))
+             if value]
+    if len(given) > 1:
+        raise ValueError(f"give one source of boxes, not {' and '.join(given)}")
+    if detector_dir:
+        from hemcap.smear.learned import load_detector
+
+        learned = load_detector(detector_dir)
+        learned.info.min_score = max(learned.info.min_score, min_score)  # unwrapped: it still measures red cells
+        return learned
+    elif yolo_dir or coco_json:
+        detector = YoloPredictions(yolo_dir) if yolo_dir else CocoPredictions(coco_json)
+    else:
+        return StainDetector(StainDetectorConfig(min_score=min_score))
+    return MinScore(detector, min_score) if min_score > 0 else detector
