@@ -82,7 +82,7 @@ class StainDetectorConfig:
     smooth_px: float = 3.0  # Gaussian sigma on optical density, averages eosinophil granules into an area
     violet_min: float = 0.1  # violet above this: nucleus or lilac cytoplasm
     stain_min: float = 0.1  # stain above this: granules or dense cytoplasm, whatever the violet
-    pale_stain_min: float = 0.05  # pale cytoplasm: stain above this ...
+    pale_stain_min: float = 0.08  # pale cytoplasm: stain above this ...
     pale_violet_min: float = 0.05  # ... and violet above this (red cells and their rims sit below 0)
     granule_redness_min: float = 0.05  # OD_green - OD_red above this near a nucleus: eosinophil granules,
     granule_reach_px: float = 40.0  # ... within this distance of a nucleus core (red in BCCD, orange in MGG/PBC)
@@ -92,7 +92,7 @@ class StainDetectorConfig:
     min_cell_area: float = 4000.0  # px^2; smaller regions are platelet clumps (smallest BCCD train WBC: 5,776)
     lobe_contact: float = 0.75  # merge two regions whose shared border >= this x the smaller one's diameter
     box_margin: float = 0.03  # grow each box by this share of its longer side (BCCD boxes leave a small gap)
-    min_box_side: float = 140.0  # widen boxes to this side about their centre: pale cytoplasm the mask misses
+    min_box_side: float = 130.0  # widen boxes to this side about their centre: pale cytoplasm the mask misses
     score_nucleus_area: float = 3000.0  # score = 1 - exp(-nucleus area / this) ...
     truncation_penalty: float = 0.5  # ... x (1 - this x share of the cell's diameter lying on the image border)
     min_score: float = 0.0  # drop detections scoring below this
