@@ -17,8 +17,9 @@ of all four TXL-PBC labs, 0 in red cells and background.
 
 A pixel belongs to a white cell when the violet or stain contrast is high, when both are
 modestly positive (pale cytoplasm), or when it absorbs more green than red (granules, pale
-cytoplasm) close to a nucleus. A morphological opening removes red-cell rims and platelets; an
-Otsu threshold of the darkness inside the cells (clipped) marks the nuclei; a watershed from the
+cytoplasm) close to a nucleus. A morphological opening removes red-cell rims and platelets; the
+darkness above 0.4 inside the cells marks the nuclei (an Otsu threshold clipped to a range; the
+train search closed the range to that one value); a watershed from the
 nuclei splits touching cells, and regions sharing a long border (lobes of one nucleus) are merged
 again. Each cell's box is the bounding box of its region grown by a small margin and widened to
 at least 1.3 red-cell diameters (white cells are bigger; pale cytoplasm can escape the mask); its
