@@ -189,7 +189,9 @@ def test_write_detections_round_trips_through_the_coco_adapter(tmp_path):
     assert all((out / ann["crop"]).is_file() for ann in coco["annotations"])
     assert Image.open(out / coco["annotations"][0]["crop"]).size == (96, 96)
     again = CocoPredictions(out / "detections.json")(smear, path=tmp_path / "smear.png")
-    assert np.allclose([d.box for d in again], [d.box for d in StainDetector(SYNTHETIC)(smear)], atol=0.01)
+    red_cell_px = summary["per_image"][0]["red_cells"]["px"]  # measured on the smear, recorded with its boxes
+    direct = StainDetector(SYNTHETIC)(smear, red_cell_px=red_cell_px)
+    assert np.allclose([d.box for d in again], [d.box for d in direct], atol=0.01)
 
 
 def _mixed_folder(folder):

@@ -47,6 +47,51 @@ def test_synthetic_eosinophil_is_found_with_its_granules():
     assert max(box_iou(eosinophils[0], d.box) for d in found) >= 0.5
 
 
+def restained(image: Image.Image, mix, tint) -> Image.Image:
+    """``image`` as another lab's stain would show it: optical density mixed across channels by
+    ``mix`` (row = output channel) and the background colour scaled by ``tint``."""
+    pixels = np.asarray(image, np.float32) + 0.5
+    background = np.quantile(pixels.reshape(-1, 3), 0.99, axis=0)
+    density = np.log(background / pixels) @ np.asarray(mix, np.float32).T
+    return Image.fromarray(np.clip(background * np.asarray(tint) * np.exp(-density), 0, 255).astype(np.uint8))
+
+
+STAINS = {  # the BCCD-tuned constant thresholds found 0-2 of these cells, and up to 37 red cells
+    "lilac red cells, pink background (Raabin-like)": ([[1, 1, 0], [0, 1, 0], [0, 0, 1]], (0.95, 0.85, 0.8)),
+    "magenta nuclei": ([[1, 0.8, 0], [0, 1.2, 0], [0, 0.2, 0.9]], (0.97, 0.82, 0.76)),
+    "blue-violet, grey background": ([[1.3, 0.2, 0], [0, 1, 0], [0, 0, 0.6]], (1, 1, 1)),
+    "twice as dark": ([[1.8, 0, 0], [0, 1.8, 0], [0, 0, 1.8]], (1, 0.9, 0.85)),
+}
+
+
+@pytest.mark.parametrize("stain", sorted(STAINS))
+@pytest.mark.parametrize("seed", [0, 3, 11])
+def test_restained_smears_give_the_same_cells(stain, seed):
+    image, cells = draw_smear(seed)
+    found = StainDetector(SYNTHETIC)(restained(image, *STAINS[stain]))
+    assert len(found) == len(cells), f"{stain}, seed {seed}: {len(found)} found, {len(cells)} drawn"
+    assert all(iou >= 0.5 for iou in matched_ious([c["box"] for c in cells], found))
+
+
+def test_red_cell_px_sets_the_scale_for_one_call():
+    image, _ = draw_smear(7)
+    detector = StainDetector()  # scale 1, but this smear's red cells are ~60 px across
+    assert detector(image, red_cell_px=60.0) == StainDetector(StainDetectorConfig(scale=0.6))(image)
+    assert detector(image) == StainDetector(StainDetectorConfig(scale=1.0))(image)  # nothing kept between calls
+    big = image.resize((image.width * 2, image.height * 2), Image.BILINEAR)
+    found, found_big = detector(image, red_cell_px=60.0), detector(big, red_cell_px=120.0)
+    assert len(found_big) == len(found)
+    halved = [Detection(tuple(v / 2 for v in d.box), d.score) for d in found_big]
+    assert len([i for i in matched_ious([d.box for d in found], halved) if i >= 0.8]) == len(found)
+
+
+@pytest.mark.parametrize("bad", [0, -5.0, float("nan"), "100"])
+def test_red_cell_px_must_be_a_positive_number(bad):
+    image, _ = draw_smear(0)
+    with pytest.raises(ValueError, match="red_cell_px"):
+        StainDetector()(image, red_cell_px=bad)
+
+
 def test_smear_without_white_cells_gives_nothing():
     image, cells = draw_smear(3, n_wbc=0)
     assert cells == [] and StainDetector(SYNTHETIC)(image) == []
@@ -66,9 +111,10 @@ def test_grayscale_input_finds_no_stain():
 
 def test_config_reports_every_problem_at_once():
     with pytest.raises(ValueError) as error:
-        StainDetectorConfig(scale=0, background_quantile=1.5, min_score=2, nucleus_otsu_range=(0.3, 0.1))
+        StainDetectorConfig(scale=0, background_quantile=1.5, min_score=2, nucleus_otsu_range=(0.3, 0.1),
+                            min_box_side=-1, red_cell_od_min=-0.1)
     message = str(error.value)
-    for name in ("scale", "background_quantile", "min_score", "nucleus_otsu_range"):
+    for name in ("scale", "background_quantile", "min_score", "nucleus_otsu_range", "min_box_side", "red_cell_od_min"):
         assert name in message
 
 

@@ -68,7 +68,7 @@ def test_bad_input_gives_no_estimate_and_a_note(name):
 
 def test_resolve_origins():
     smear, _ = draw_smear(0)
-    assert resolve_red_cell_size(smear, given=80.0) == RedCellSize(80.0, 1.0, 0, "given")
+    assert resolve_red_cell_size(smear, given=80.0) == RedCellSize(80.0, 1.0, 0, "given", method="")
     assert resolve_red_cell_size(smear).origin == "estimated"
     fallback = resolve_red_cell_size(BAD_INPUTS["blank"]())
     assert (fallback.origin, fallback.px) == ("default", DEFAULT_RED_CELL_PX)
