@@ -91,12 +91,19 @@ def test_copies_of_validation_smears_are_left_out_of_training(labelled_smears, t
     assert dropped == 1 and [s.name for s in kept] == [s.name for s in train]
 
 
-@pytest.mark.slow
-def test_train_detector_then_detect_with_it(labelled_smears, tmp_path, capsys):
-    out = tmp_path / "detector"
+@pytest.fixture(scope="module")
+def trained(labelled_smears, tmp_path_factory):
+    """A detector trained by the real command on the 16 synthetic training smears (~10 s)."""
+    out = tmp_path_factory.mktemp("trained") / "detector"
     argv = ["train-detector", "--data", str(labelled_smears), "--out", str(out), "--epochs", "30",
             "--batch-size", "8", "--threads", "1"]
     assert main(argv) == 0
+    return out, argv
+
+
+@pytest.mark.slow
+def test_train_detector_writes_a_measured_safetensors_folder(trained, capsys):
+    out, argv = trained
     info = read_detector_info(out)
     figures = info.training["validation"]
     assert sorted(p.name for p in out.iterdir()) == [WEIGHTS, INFO]  # safetensors only, no pickles
@@ -104,9 +111,52 @@ def test_train_detector_then_detect_with_it(labelled_smears, tmp_path, capsys):
     assert figures["all"]["recall50"] >= 0.5, figures  # 30 short epochs on 16 smears: it has learned something
     assert main(argv) == 2 and "exists" in capsys.readouterr().err  # refused up front, nothing replaced
     assert read_detector_info(out) == info
+
+
+@pytest.mark.slow
+def test_detect_with_the_learned_detector_measures_red_cells(trained, labelled_smears, tmp_path, capsys):
     val = load_smears(labelled_smears, "val")
-    assert main(["detect", *[str(s.path) for s in val], "--out", str(tmp_path / "found"), "--detector", str(out)]) == 0
+    assert main(["detect", *[str(s.path) for s in val], "--out", str(tmp_path / "found"), "--detector",
+                 str(trained[0])]) == 0
     printed = capsys.readouterr().out
-    assert "red cells" in printed and "learned detector" in printed
+    assert printed.count("learned detector") == len(val)  # one line per image: its red-cell size and how measured
     coco = json.loads((tmp_path / "found" / "detections.json").read_text())
-    assert coco["annotations"] and all(image["red_cells"]["px"] > 0 for image in coco["images"])
+    assert coco["annotations"]
+    for image, smear in zip(coco["images"], val):
+        assert image["red_cells"]["origin"] == "estimated"
+        assert abs(image["red_cells"]["px"] / smear.median_red_cell_px() - 1) < 0.25  # 30 epochs on 16 smears
+    given = tmp_path / "given"
+    assert main(["detect", str(val[0].path), "--out", str(given), "--detector", str(trained[0]),
+                 "--red-cell-px", "60"]) == 0
+    assert "red cells 60 px (given)" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bad_images_get_a_note_never_a_crash(trained, tmp_path):
+    from PIL import Image, ImageDraw
+
+    from hemcap.smear import StainDetector, write_detections
+    from hemcap.synthetic import draw_smear
+
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    one_cell = Image.new("RGB", (160, 160), (236, 226, 220))  # a white cell alone: no red cells to measure
+    ImageDraw.Draw(one_cell).ellipse((20, 20, 140, 140), fill=(200, 170, 215))
+    ImageDraw.Draw(one_cell).ellipse((50, 45, 115, 110), fill=(90, 40, 120))
+    one_cell.save(folder / "one_cell.png")
+    draw_smear(2)[0].convert("L").save(folder / "grey.png")
+    crowded = Image.new("RGB", (640, 480), (230, 215, 220))
+    draw = ImageDraw.Draw(crowded)
+    rng = np.random.default_rng(0)
+    for x, y in rng.uniform(0, 640, (600, 2)):  # hundreds of overlapping cells, no background left
+        draw.ellipse((x - 30, y * 0.75 - 30, x + 30, y * 0.75 + 30), fill=(190, 120, 150), outline=(150, 80, 120))
+    crowded.save(folder / "crowded.png")
+    Image.new("RGB", (5, 7), (200, 180, 190)).save(folder / "tiny.png")
+    for detector in (load_detector(trained[0]), StainDetector()):
+        _, summary = write_detections([folder], tmp_path / type(detector).__name__, detector)
+        rows = {row["image"].split("/")[-1]: row for row in summary["per_image"]}
+        assert sorted(rows) == ["crowded.png", "grey.png", "one_cell.png", "tiny.png"]  # every image read
+        notes = {p["file"].split("/")[-1]: p["note"] for p in summary["problems"] if "note" in p}
+        for name in ("one_cell.png", "crowded.png", "tiny.png"):
+            assert rows[name]["red_cells"]["origin"] == "default" and "red-cell size" in notes[name], (name, rows[name])
+        assert all(row["cells"] <= 50 for row in rows.values())

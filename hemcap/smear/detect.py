@@ -112,6 +112,7 @@ class StainDetectorConfig:
     pale_violet_min: float = 0.05  # ... and violet above this (red cells at 0, their rims below)
     granule_redness_min: float = 0.05  # stain - violet above this near a nucleus: granules, pale cytoplasm,
     granule_reach_px: float = 40.0  # ... within this distance of a nucleus core (train: 40 beat 30, 60 and 80)
+    granule_density_min: float = 2.0  # ... or summed OD above this x a red cell's (orange eosinophil granules: ~2.4)
     opening_px: float = 12.0  # disk radius of the opening that cuts red-cell rims and platelets away
     nucleus_otsu_range: tuple[float, float] = (0.4, 0.4)  # Otsu of violet + stain in cells, clipped (nuclei 1.2-2.2)
     min_nucleus_area: float = 120.0  # px^2; smaller nucleus seeds are ignored
@@ -137,8 +138,8 @@ def _config_problems(cfg: StainDetectorConfig) -> list[str]:
         problems.append(f"work_scale must be an integer >= 1, got {cfg.work_scale!r}")
     if not 0 < cfg.background_quantile < 1:
         problems.append(f"background_quantile must be in (0, 1), got {cfg.background_quantile}")
-    for name in ("smooth_px", "granule_reach_px", "opening_px", "min_nucleus_area", "min_cell_area",
-                 "lobe_contact", "box_margin", "min_box_side", "score_nucleus_area", "red_cell_od_min"):
+    for name in ("smooth_px", "granule_reach_px", "granule_density_min", "opening_px", "min_nucleus_area",
+                 "min_cell_area", "lobe_contact", "box_margin", "min_box_side", "score_nucleus_area", "red_cell_od_min"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.nucleus_otsu_range
@@ -164,9 +165,9 @@ class StainDetector:
         scale = _call_scale(cfg, red_cell_px)
         small = _shrink(as_pil_rgb(image), max(1, round(cfg.work_scale * scale)))
         px = scale * small.width / image_size(image)[0]  # working pixels per BCCD pixel
-        violet, stain = stain_contrasts(np.asarray(small), cfg.background_quantile, cfg.smooth_px * px,
+        violet, stain, density = stain_contrasts(np.asarray(small), cfg.background_quantile, cfg.smooth_px * px,
                                         cfg.red_cell_od_min)
-        regions, nuclei = segment_cells(violet, stain, cfg, px)
+        regions, nuclei = segment_cells(violet, stain, cfg, px, density)
         return _detections(regions, nuclei, cfg, image_size(image), scale)
 
 
@@ -224,14 +225,15 @@ def _shrink(image: Image.Image, factor: int) -> Image.Image:
 
 
 def stain_contrasts(rgb: np.ndarray, background_quantile: float = 0.75, sigma: float = 0.75,
-                    red_cell_od_min: float = 0.2) -> tuple[np.ndarray, np.ndarray]:
-    """``(violet, stain)`` maps of an RGB uint8 array (module docstring), smoothed by ``sigma`` pixels:
-    red and green optical density less the blue density times this image's red-cell ratio."""
+                    red_cell_od_min: float = 0.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(violet, stain, density)`` maps of an RGB uint8 array (module docstring), smoothed by ``sigma``
+    pixels: red and green optical density less the blue density times this image's red-cell ratio,
+    and the summed optical density in units of a red cell's."""
     density = optical_density(rgb, background_quantile, sigma)
     red, green, blue = red_cell_colour(density, red_cell_od_min)
     violet = density[..., 0] - (red / blue) * density[..., 2]
     stain = density[..., 1] - (green / blue) * density[..., 2]
-    return violet, stain
+    return violet, stain, density.sum(axis=-1) / (red + green + blue)
 
 
 def optical_density(rgb: np.ndarray, background_quantile: float = 0.75, sigma: float = 0.75) -> np.ndarray:
@@ -256,13 +258,13 @@ def red_cell_colour(density: np.ndarray, od_min: float) -> np.ndarray:
 
 
 def segment_cells(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig,
-                  px: float) -> tuple[np.ndarray, np.ndarray]:
+                  px: float, density: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(regions, nuclei)``: a label image with one label per white cell, and the nucleus mask.
     ``px`` is the size of a BCCD pixel in pixels of these maps."""
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
-    cells = white_cell_mask(violet, stain, cfg, px)
+    cells = white_cell_mask(violet, stain, cfg, px, density)
     darkness = violet + stain  # nuclei: the most red- and green-absorbing pixels, whatever the stain's hue
     nuclei = cells & (darkness > _nucleus_threshold(darkness, cells, cfg.nucleus_otsu_range))
     seeds = _drop_small(ndi.label(nuclei)[0], cfg.min_nucleus_area * px**2)
@@ -274,26 +276,32 @@ def segment_cells(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfi
     return _drop_small(regions, cfg.min_cell_area * px**2), nuclei
 
 
-def white_cell_mask(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig, px: float) -> np.ndarray:
+def white_cell_mask(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig, px: float,
+                    density: np.ndarray | None = None) -> np.ndarray:
     from scipy import ndimage as ndi
 
     cells = (violet > cfg.violet_min) | (stain > cfg.stain_min)
     cells |= (stain > cfg.pale_stain_min) & (violet > cfg.pale_violet_min)
-    cells |= granule_mask(violet, stain, cfg, px)
+    cells |= granule_mask(violet, stain, cfg, px, density)
     cells = binary_opening_disk(cells, cfg.opening_px * px)
     return ndi.binary_fill_holes(cells)
 
 
-def granule_mask(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig, px: float) -> np.ndarray:
-    """Pixels absorbing more green than red for their blue (stain - violet) close to a nucleus core:
-    eosinophil granules and pale cytoplasm. Noise on red cells reaches it too, hence the leash."""
+def granule_mask(violet: np.ndarray, stain: np.ndarray, cfg: StainDetectorConfig, px: float,
+                 density: np.ndarray | None = None) -> np.ndarray:
+    """Pixels absorbing more green than red for their blue (stain - violet), or far denser than a red
+    cell, close to a nucleus core: eosinophil granules and pale cytoplasm. Orange granules have a red
+    cell's hue, so only their density tells them apart. Noise on red cells reaches it too, hence the leash."""
     from scipy import ndimage as ndi
 
     core = violet + stain > sum(cfg.nucleus_otsu_range) / 2  # the middle of the nucleus threshold range
     if not core.any():
         return core
     near = ndi.distance_transform_edt(~core) <= cfg.granule_reach_px * px
-    return near & (stain - violet > cfg.granule_redness_min)  # stain - violet = OD_green - OD_red
+    granules = stain - violet > cfg.granule_redness_min  # stain - violet = OD_green - OD_red
+    if density is not None:
+        granules |= density > cfg.granule_density_min
+    return near & granules
 
 
 def binary_opening_disk(mask: np.ndarray, radius: float) -> np.ndarray:
