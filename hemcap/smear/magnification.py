@@ -49,10 +49,12 @@ SUPPORT = 0.2  # discs within +-20 % (in log) of the estimate support it
 MIN_CONFIDENCE = 0.3  # below this resolve_red_cell_size uses the default
 # a watershed region is one round cell when its area is 0.8-1.5 x its inscribed disc's (pi r^2):
 # merged or elongated blobs lie above; on TXL-PBC train their area-equivalent diameters alone put
-# BCD at 0.61 within 10 % (discs: 0.47) but PBC at 0.71 (discs: 0.79), so step 5 averages the two
+# BCD at 0.61 within 10 % (discs: 0.47) but PBC at 0.71 (discs: 0.79), so step 6 averages the two
+# (0.7-1.5, 0.9-1.5, 0.8-1.3, 0.8-1.7: shares within +-0.05, none better on all four sources)
 ROUND = (0.8, 1.5)
+NOT_ROUND_WEIGHT = 0.5  # a disc in a merged blob weighs half: BCCD 0.79 -> 0.83, BCD 0.63 -> 0.69 (train)
 MIN_ROUND = 3  # fewer round cells leave the disc estimate alone (5 instead: the same shares +-0.02)
-DISAGREE = 0.15  # round cells and discs further apart (log) than this halve the confidence
+DISAGREE = 0.15  # round cells and discs further apart (log) halve the confidence (0.1, 0.2: same +-0.02)
 MIN_FIT = 5  # a red cell so large that fewer than 5 would fit in the image is no red cell
 
 
@@ -89,17 +91,9 @@ def estimate_red_cell_px(image: ImageLike) -> RedCellSize:
     share = cells.mean()
     if share > CROWDED:
         return _fail(f"cells cover {share:.0%} of the image, no background to tell them apart")
-    from scipy import ndimage as ndi
-
-    depth = ndi.distance_transform_edt(cells)  # the image edge is not background: cut cells keep depth
-    ys, xs, radii = discs(cells, nuclei, depth)
-    size = _from_radii(radii, factor)
-    if size.px is None:
-        return size
-    round_px = _round_cells_px(cells, depth, ys, xs, radii)
-    if round_px is not None:
-        size = _combine(size, round_px * factor)
-    return _bounded(size, pil.width * pil.height)
+    radii, areas = red_cells(cells, nuclei)
+    size = _from_cells(radii, areas, factor)
+    return _bounded(size, pil.width * pil.height) if size.px is not None else size
 
 
 def _colour_problem(rgb: np.ndarray) -> str:
@@ -112,27 +106,25 @@ def _colour_problem(rgb: np.ndarray) -> str:
     return ""
 
 
-def _from_radii(radii: np.ndarray, factor: int) -> RedCellSize:
+def _from_cells(radii: np.ndarray, areas: np.ndarray, factor: int) -> RedCellSize:
+    """Steps 5-6 of the module docstring: discs, round cells, their agreement."""
     if radii.size < MIN_CELLS:
         return _fail(f"only {radii.size} red cells found (need {MIN_CELLS})", int(radii.size))
-    radius = weighted_median(radii, radii**2)
+    round_ = (areas > ROUND[0] * np.pi * radii**2) & (areas < ROUND[1] * np.pi * radii**2)
+    weights = radii**2 * np.where(round_, 1.0, NOT_ROUND_WEIGHT)
+    radius = weighted_median(radii, weights)
     support = int(np.count_nonzero(np.abs(np.log(radii / radius)) < SUPPORT))
-    confidence = _confidence(radii, radius, support)
-    note = "" if confidence >= MIN_CONFIDENCE else (
-        f"low confidence: {support} of {radii.size} red cells agree within {SUPPORT:.0%} of the estimate")
+    confidence = _confidence(radii, radius, support, weights)
     px = float(2 * radius * factor * CALIBRATION)
+    note = f"{support} of {radii.size} red cells agree within {SUPPORT:.0%} of the estimate"
+    if np.count_nonzero(round_) >= MIN_ROUND:
+        round_px = weighted_median(2 * np.sqrt(areas[round_] / np.pi), areas[round_]) * factor
+        if abs(np.log(round_px / px)) >= DISAGREE:
+            confidence = round(confidence / 2, 3)
+            note = f"round cells ({round_px:.0f} px) and discs ({px:.0f} px) disagree"
+        px = float(np.sqrt(round_px * px))
+    note = "" if confidence >= MIN_CONFIDENCE else f"low confidence: {note}"
     return RedCellSize(px, confidence, support, "estimated", note)
-
-
-def _combine(size: RedCellSize, round_px: float) -> RedCellSize:
-    """Geometric mean of the disc and round-cell estimates; half the confidence when they disagree."""
-    gap = abs(np.log(round_px / size.px))
-    confidence, note = size.confidence, size.note
-    if gap >= DISAGREE:
-        confidence = round(confidence / 2, 3)
-        note = note or f"low confidence: round cells ({round_px:.0f} px) and discs ({size.px:.0f} px) disagree"
-    return RedCellSize(float(np.sqrt(round_px * size.px)), confidence, size.cells, "estimated",
-                       note if confidence < MIN_CONFIDENCE else "")
 
 
 def _bounded(size: RedCellSize, image_area: int) -> RedCellSize:
@@ -143,10 +135,9 @@ def _bounded(size: RedCellSize, image_area: int) -> RedCellSize:
     return size
 
 
-def _confidence(radii: np.ndarray, radius: float, support: int) -> float:
+def _confidence(radii: np.ndarray, radius: float, support: int, weights: np.ndarray) -> float:
     """More agreeing discs and a larger agreeing share: confidence 1 from 12 discs and 60 %."""
-    area = radii**2
-    share = float(area[np.abs(np.log(radii / radius)) < SUPPORT].sum() / area.sum())
+    share = float(weights[np.abs(np.log(radii / radius)) < SUPPORT].sum() / weights.sum())
     return round(min(1.0, support / 12) * min(1.0, share / 0.6), 3)
 
 
@@ -189,44 +180,33 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 def disc_radii(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
     """Radii of the inscribed discs, one per cell, away from nuclei (module docstring, step 3)."""
-    return discs(cells, nuclei)[2]
+    return red_cells(cells, nuclei)[0]
 
 
-def discs(cells: np.ndarray, nuclei: np.ndarray, depth: np.ndarray | None = None
-          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(ys, xs, radii)`` of the inscribed discs, one per cell, away from nuclei (step 3);
-    ``depth``: the distance transform of ``cells`` when already computed."""
+def red_cells(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(radii, areas)`` of the red cells: inscribed discs away from nuclei, and the areas of their
+    watershed regions (module docstring, steps 3-4), in working px."""
     from scipy import ndimage as ndi
+    from skimage.segmentation import watershed
 
-    if depth is None:
-        depth = ndi.distance_transform_edt(cells)  # the image edge is not background: cut cells keep depth
+    depth = ndi.distance_transform_edt(cells)  # the image edge is not background: cut cells keep depth
     peaks = (depth >= ndi.maximum_filter(depth, size=5)) & (depth > MIN_RADIUS)
-    if nuclei.any():
-        peaks &= ndi.distance_transform_cdt(~nuclei, metric="chessboard") > depth
     ys, xs = np.nonzero(peaks)
     order = np.argsort(-depth[ys, xs], kind="stable")[:400]  # 400: far more than a field's red cells
     ys, xs = ys[order], xs[order]
     radii = depth[ys, xs]
     keep = _outermost(ys, xs, radii)
-    return ys[keep], xs[keep], radii[keep]
-
-
-def _round_cells_px(cells: np.ndarray, depth: np.ndarray, ys: np.ndarray, xs: np.ndarray, radii: np.ndarray) -> float | None:
-    """Area-weighted median area-equivalent diameter of the round watershed regions (step 4), in
-    working px; None below ``MIN_ROUND`` of them."""
-    from skimage.segmentation import watershed
-
-    if radii.size < MIN_ROUND:
-        return None
+    ys, xs, radii = ys[keep], xs[keep], radii[keep]
+    if radii.size == 0:
+        return radii, radii
     markers = np.zeros(cells.shape, np.int32)
     markers[ys, xs] = np.arange(1, radii.size + 1)
-    labels = watershed(-depth, markers, mask=cells)
-    area = np.bincount(labels.ravel(), minlength=radii.size + 1)[1:].astype(float)
-    ratio = area / (np.pi * radii**2)
-    round_ = (ratio > ROUND[0]) & (ratio < ROUND[1])
-    if np.count_nonzero(round_) < MIN_ROUND:
-        return None
-    return weighted_median(2 * np.sqrt(area[round_] / np.pi), area[round_])
+    # every disc seeds a region, those reaching a nucleus too: a white cell's region stays its own
+    areas = np.bincount(watershed(-depth, markers, mask=cells).ravel(), minlength=radii.size + 1)[1:]
+    if not nuclei.any():
+        return radii, areas.astype(float)
+    clear = ndi.distance_transform_cdt(~nuclei, metric="chessboard")[ys, xs] > radii
+    return radii[clear], areas[clear].astype(float)
 
 
 def _outermost(ys: np.ndarray, xs: np.ndarray, radii: np.ndarray) -> np.ndarray:
