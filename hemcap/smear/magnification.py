@@ -32,7 +32,7 @@ Raabin-WBC 0.63 / 0.63 (median error 4-10 %); BCCD VOC train 0.63; synthetic sme
 Gross errors (off by more than 25 %, val) fell from 0.13 / 0.16 / 0.05 / 0.12 to
 0.10 / 0.05 / 0.03 / 0.10 (BCCD / BCD / PBC / Raabin-WBC). ~6 ms per 640x480 image on one core (the watershed: 0.6 ms).
 With the estimated sizes the stain detector gets AP@0.5 0.979 on BCCD VOC train (labelled sizes:
-0.990) and 0.944 on TXL-PBC val (labelled: 0.954). The target of 0.90 per source is NOT met: the
+0.990) and 0.943 on TXL-PBC val (labelled: 0.954). The target of 0.90 per source is NOT met: the
 threshold segmentation fuses overlapping cells into clumps whose inscribed discs and regions both
 run large, loses pale cells (Raabin's blurred fields), and TXL's crops hold few whole cells.
 ``confidence`` (agreeing discs and their share, halved when discs and round cells disagree) flags
