@@ -122,7 +122,7 @@ def _colour_problem(rgb: np.ndarray) -> str:
 
 
 def _from_cells(radii: np.ndarray, areas: np.ndarray, factor: int) -> RedCellSize:
-    """Steps 5-6 of the module docstring: discs, round cells, their agreement."""
+    """Step 6 of the module docstring: discs, round cells, their agreement."""
     if radii.size < MIN_CELLS:
         return _fail(f"only {radii.size} red cells found (need {MIN_CELLS})", int(radii.size))
     round_ = (areas > ROUND[0] * np.pi * radii**2) & (areas < ROUND[1] * np.pi * radii**2)
@@ -194,13 +194,13 @@ def fill_holes(mask: np.ndarray) -> np.ndarray:
 
 
 def disc_radii(cells: np.ndarray, nuclei: np.ndarray) -> np.ndarray:
-    """Radii of the inscribed discs, one per cell, away from nuclei (module docstring, step 3)."""
+    """Radii of the inscribed discs, one per cell, away from nuclei (module docstring, steps 3 and 5)."""
     return red_cells(cells, nuclei)[0]
 
 
 def red_cells(cells: np.ndarray, nuclei: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``(radii, areas)`` of the red cells: inscribed discs away from nuclei, and the areas of their
-    watershed regions (module docstring, steps 3-4), in working px."""
+    watershed regions (module docstring, steps 3-5), in working px."""
     from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
