@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from hemcap.smear import DEFAULT_RED_CELL_PX, RedCellSize, estimate_red_cell_px, resolve_red_cell_size
+from hemcap.smear.magnification import _bounded
 from hemcap.synthetic import _RBC_DIAMETER_FRAC, _SMEAR_UNIT, _streams, draw_smear
 
 TXL = Path(__file__).resolve().parents[2] / "shared" / "data" / "txl_pbc"
@@ -66,6 +67,13 @@ def test_bad_input_gives_no_estimate_and_a_note(name):
     assert size.note.startswith("could not estimate the red-cell size: ")
 
 
+def test_estimate_too_large_for_the_image_is_dropped():
+    # 5 cells of 180 px need ~127,000 px^2; a 320x240 image has 76,800
+    size = _bounded(RedCellSize(180.0, 0.9, 8, "estimated"), 320 * 240)
+    assert size.px is None and size.confidence == 0.0 and "would fit" in size.note
+    assert _bounded(RedCellSize(100.0, 0.9, 8, "estimated"), 320 * 240).px == 100.0
+
+
 def test_resolve_origins():
     smear, _ = draw_smear(0)
     assert resolve_red_cell_size(smear, given=80.0) == RedCellSize(80.0, 1.0, 0, "given", method="")
@@ -101,13 +109,14 @@ needs_txl = pytest.mark.skipif(not (TXL / "labels" / "val").is_dir(), reason=f"T
 
 @needs_txl
 def test_real_smears_hold_the_measured_level():
-    # measured (eval/bench_red_cells.py): 0.45-0.80 per source on these 80 images; guards against regressions
+    # measured (eval/bench_red_cells.py): BCD 0.45, BCCD 0.55, Raabin-WBC 0.55, PBC 0.85 on these 80
+    # images (0.45-0.80 before the round cells); guards against regressions, a margin of 1-2 images
     shares = _val_shares()
     assert set(shares) == {"BCCD", "BCD", "PBC", "Raabin-WBC"}
     assert min(shares.values()) >= 0.35 and sorted(shares.values())[2] >= 0.5
 
 
 @needs_txl
-@pytest.mark.xfail(reason="target not met yet: 90 % within 10 % per source (measured 0.45-0.80)", strict=False)
+@pytest.mark.xfail(reason="target not met yet: 90 % within 10 % per source (measured 0.45-0.85)", strict=False)
 def test_real_smears_reach_the_target():
     assert min(_val_shares().values()) >= 0.90
