@@ -406,7 +406,7 @@ def _add_train_detector(sub) -> None:
     from hemcap.smear.train_detector import DetectorTrainingConfig as Defaults
 
     train = sub.add_parser(
-        "train-detector", help="train the learned white-cell detector from random weights (CPU, about 15 min)",
+        "train-detector", help="train the learned white-cell detector from random weights (about 6 min on 2 CPU cores)",
         description="Train the learned white-cell detector on labelled smears (TXL-PBC's YOLO layout or BCCD's "
                     "VOC layout), measure it on their val splits per source lab, and save it (safetensors + "
                     "hemcap_detector.json) for `hemcap detect/caption/demo --detector DIR`. Training smears that "
