@@ -67,7 +67,7 @@ def run_detector(smears: list[LabelledSmear], detector: Detector,
                  origin: str = "estimated") -> tuple[dict[str, list[Detection]], dict[str, float]]:
     """Detections per smear and seconds per smear (decode + red-cell size + detection, this process)."""
     first = load_rgb(smears[0].path)
-    detector(first, red_cell_px=red_cell_px(smears[0], first, origin, detector))  # warm-up: lazy imports are not the rate
+    detector(first, red_cell_px=red_cell_px(smears[0], first, origin, detector))  # warm-up: lazy imports aside
     found, seconds = {}, {}
     for smear in smears:
         start = time.perf_counter()

@@ -33,7 +33,7 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "txl_pb
 TOLERANCE = 0.10
 
 
-def measure(root: Path, split: str, estimate=estimate_red_cell_px) -> dict[str, list[tuple[float, float | None, float, float]]]:
+def measure(root: Path, split: str, estimate=estimate_red_cell_px) -> dict[str, list[tuple]]:
     """Source -> (target px, estimate px or None, confidence, ms) per image with labelled red cells."""
     rows: dict[str, list] = defaultdict(list)
     for smear in load_smears(root, split):
@@ -57,7 +57,8 @@ def table(rows: dict[str, list]) -> list[str]:
         default = sum(px is None or conf < MIN_CONFIDENCE for _, px, conf, _ in items) / len(items)
         median = 100 * statistics.median(errors) if errors else float("nan")
         ms = statistics.mean(ms for *_, ms in items)
-        lines.append(f"{source:12s} {len(items):6d} {within:9.2f} {median:7.1f}% {failed:7.2f} {default:7.2f} {ms:6.1f}")
+        lines.append(f"{source:12s} {len(items):6d} {within:9.2f} {median:7.1f}% {failed:7.2f} {default:7.2f} "
+                     f"{ms:6.1f}")
     return lines
 
 

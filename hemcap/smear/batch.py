@@ -216,8 +216,8 @@ class DetectTask(Task):
         for name, crop in zip(names, crop_cells(image, detections, self.crop_size, self.margin)):
             crop.save(self.folder / name)  # inside the staging folder: it appears whole with the rest
         boxes = [{**coco_box(detection), "crop": name} for detection, name in zip(detections, names)]
-        return {"width": image.width, "height": image.height, "red_cells": red_cells.as_dict(), "cells": len(detections),
-                "boxes": boxes, "notes": notes}
+        return {"width": image.width, "height": image.height, "red_cells": red_cells.as_dict(),
+                "cells": len(detections), "boxes": boxes, "notes": notes}
 
     def write(self, summary: dict) -> None:
         write_json(self.folder / "detections.json", to_coco(summary["per_image"]))

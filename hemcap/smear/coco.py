@@ -19,8 +19,9 @@ def to_coco(images: Iterable[dict], label: str = "WBC") -> dict:
     """A COCO detection dataset from rows ``{"image", "width", "height", "boxes": [coco_box(...), ...]}``."""
     coco = {"images": [], "annotations": [], "categories": [{"id": 1, "name": label}]}
     for image_id, row in enumerate(images, 1):
+        extra = {"red_cells": row["red_cells"]} if "red_cells" in row else {}  # the magnification the boxes used
         coco["images"].append({"id": image_id, "file_name": row["image"], "width": row["width"],
-                               "height": row["height"], **({"red_cells": row["red_cells"]} if "red_cells" in row else {})})
+                               "height": row["height"], **extra})
         for box in row["boxes"]:
             coco["annotations"].append({"id": len(coco["annotations"]) + 1, "image_id": image_id,
                                         "category_id": 1, **box})

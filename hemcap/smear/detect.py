@@ -42,7 +42,11 @@ With ``red_cell_px`` 10 % off, pooled AP stays 0.952 (-10 %) / 0.955 (+10 %); BC
 0.911 at -10 %. BCCD test (72 smears, scale 1): AP 0.987, recall 1.000, mean IoU 0.859
 (BCCD-only constants: 0.988 / 1.000 / 0.856). Of Raabin's 7 val misses, 4 are red cells or
 corner slivers labelled WBC; the others are a neutrophil whose lobes came apart (two boxes) and
-a blurred field.
+a blurred field. With the red-cell size measured on each image instead, as ``hemcap detect`` does
+(``hemcap.smear.magnification``): TXL-PBC val pooled 0.943 / 0.967 / 0.832, Raabin-WBC 0.890 /
+0.935; BCCD test 0.958 / 0.972 / 0.848 (BENCHMARKS.md, "Detection across labs"). Eosinophils'
+orange granules have a red cell's hue; their density (``granule_density_min``) keeps them
+(hemcap.synthetic's; no change on TXL-PBC train).
 """
 
 from __future__ import annotations
@@ -139,7 +143,8 @@ def _config_problems(cfg: StainDetectorConfig) -> list[str]:
     if not 0 < cfg.background_quantile < 1:
         problems.append(f"background_quantile must be in (0, 1), got {cfg.background_quantile}")
     for name in ("smooth_px", "granule_reach_px", "granule_density_min", "opening_px", "min_nucleus_area",
-                 "min_cell_area", "lobe_contact", "box_margin", "min_box_side", "score_nucleus_area", "red_cell_od_min"):
+                 "min_cell_area", "lobe_contact", "box_margin", "min_box_side", "score_nucleus_area",
+                 "red_cell_od_min"):
         if getattr(cfg, name) < 0:
             problems.append(f"{name} must be >= 0, got {getattr(cfg, name)}")
     low, high = cfg.nucleus_otsu_range
@@ -165,8 +170,8 @@ class StainDetector:
         scale = _call_scale(cfg, red_cell_px)
         small = _shrink(as_pil_rgb(image), max(1, round(cfg.work_scale * scale)))
         px = scale * small.width / image_size(image)[0]  # working pixels per BCCD pixel
-        violet, stain, density = stain_contrasts(np.asarray(small), cfg.background_quantile, cfg.smooth_px * px,
-                                        cfg.red_cell_od_min)
+        violet, stain, density = stain_contrasts(np.asarray(small), cfg.background_quantile,
+                                                 cfg.smooth_px * px, cfg.red_cell_od_min)
         regions, nuclei = segment_cells(violet, stain, cfg, px, density)
         return _detections(regions, nuclei, cfg, image_size(image), scale)
 

@@ -89,7 +89,8 @@ def build_net(config: NetConfig):
                 feats.append(x)
             top = self.lateral[2](feats[3])
             for level, lateral in ((2, self.lateral[1]), (1, self.lateral[0])):
-                top = nn.functional.interpolate(top, size=feats[level].shape[-2:], mode="nearest") + lateral(feats[level])
+                top = nn.functional.interpolate(top, size=feats[level].shape[-2:], mode="nearest")
+                top = top + lateral(feats[level])
             return self.head(top)
 
     return CenterNet(config.widths, len(config.classes))

@@ -143,8 +143,8 @@ def build_detector(yolo_dir: str | Path | None = None, coco_json: str | Path | N
                    detector_dir: str | Path | None = None, min_score: float = 0.0) -> Detector:
     """The detector the command line asks for: saved YOLO or COCO predictions, a learned detector's
     folder, else the weight-free stain detector."""
-    given = [name for name, value in (("YOLO txt", yolo_dir), ("COCO JSON", coco_json), ("a detector folder", detector_dir))
-             if value]
+    sources = (("YOLO txt", yolo_dir), ("COCO JSON", coco_json), ("a detector folder", detector_dir))
+    given = [name for name, value in sources if value]
     if len(given) > 1:
         raise ValueError(f"give one source of boxes, not {' and '.join(given)}")
     if detector_dir:

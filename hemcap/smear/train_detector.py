@@ -224,7 +224,8 @@ def train(cfg: DetectorTrainingConfig, overwrite: bool = False, log=print) -> Pa
     steps, minutes = _fit(net, samples, cfg, np.random.default_rng(cfg.seed), log)
     detector = CenterNetDetector(net, DetectorInfo(net=cfg.net, min_score=cfg.min_score))
     detector.info.training = {"config": _jsonable(asdict(cfg)), "smears": len(samples), "copies_left_out": copies,
-                              "steps": steps, "minutes": round(minutes, 2), "validation": validation_figures(detector, val)}
+                              "steps": steps, "minutes": round(minutes, 2),
+                              "validation": validation_figures(detector, val)}
     with staging_dir(cfg.out, overwrite) as staging:
         save_detector(staging, net, detector.info)
     return Path(cfg.out)
@@ -255,7 +256,8 @@ def _fit(net, samples: list[Sample], cfg: DetectorTrainingConfig, rng, log) -> t
             value.backward()
             optimizer.step(), schedule.step()
             step += 1
-        log(f"epoch {step // per_epoch}/{cfg.epochs}: loss {value.item():.3f}, {(time.monotonic() - start) / 60:.1f} min")
+        minutes = (time.monotonic() - start) / 60
+        log(f"epoch {step // per_epoch}/{cfg.epochs}: loss {value.item():.3f}, {minutes:.1f} min")
     return step, (time.monotonic() - start) / 60
 
 
