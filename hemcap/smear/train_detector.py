@@ -6,8 +6,9 @@ Every training smear is resized so its labelled red cells (median box side) span
 the estimator's error at inference, about 10 %), flipped, turned and cropped to ``crop`` pixels.
 Colour is where labs differ most, so each sample's stain is redrawn: its optical density is mixed
 by a random matrix near the identity and scaled (another stain's hue and strength), then a lamp
-colour, gamma, defocus blur and sensor noise are added. The loss is CenterNet's: a penalty-reduced
-focal loss on the centre heat map, L1 on offsets and log sizes at the centres.
+colour, gamma, defocus blur and sensor noise are added. The loss is CenterNet's, per class (white
+cells, and red cells, which give the magnification at inference): a penalty-reduced focal loss on
+the class's centre map, L1 on offsets and log sizes at its centres.
 
 The run stops after ``epochs`` or ``minutes``, whichever comes first, then measures the detector on
 the validation smears (per source lab) and saves it with those figures in its info file.
@@ -69,12 +70,11 @@ class Sample:
 
 
 def load_samples(smears: Sequence[LabelledSmear], cfg: DetectorTrainingConfig) -> list[Sample]:
-    samples = []
-    for smear in smears:
-        red_cell_px = smear.median_red_cell_px()
-        if red_cell_px:  # every TXL-PBC and BCCD smear has labelled red cells
-            samples.append(_sample(smear, cfg.net.work_red_cell_px * cfg.scale_jitter / red_cell_px, cfg.net.classes))
-    return samples
+    """The smears with labelled red cells (they give each smear's magnification, and the network learns
+    to find them); every TXL-PBC and BCCD smear has them."""
+    factor = cfg.net.work_red_cell_px * cfg.scale_jitter
+    return [_sample(smear, factor / smear.median_red_cell_px(), cfg.net.classes)
+            for smear in smears if smear.median_red_cell_px()]
 
 
 def _sample(smear: LabelledSmear, factor: float, classes: Sequence[str]) -> Sample:
@@ -220,6 +220,11 @@ def train(cfg: DetectorTrainingConfig, overwrite: bool = False, log=print) -> Pa
     smears, copies = without_copies([s for root in cfg.data for s in load_smears(root, "train")], val)
     samples = load_samples(smears, cfg)
     log(f"{len(samples)} training smears from {', '.join(cfg.data)} ({copies} copies of validation smears left out)")
+    if len(samples) < len(smears):
+        log(f"{len(smears) - len(samples)} training smears have no labelled red cells and were left out: box a few "
+            "red cells (class 1) on each, they give the smear's magnification")
+    if not samples:
+        raise ValueError(f"no training smears with labelled red cells in {', '.join(cfg.data)}")
     net = build_net(cfg.net)
     steps, minutes = _fit(net, samples, cfg, np.random.default_rng(cfg.seed), log)
     detector = CenterNetDetector(net, DetectorInfo(net=cfg.net, min_score=cfg.min_score))
