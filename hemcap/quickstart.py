@@ -19,7 +19,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 CONFIGS = {"synthetic": "quickstart.yaml", "wbcatt": "blip_small_scratch.yaml"}
-SYNTHETIC_SMEAR_SCALE = 0.6  # synthetic red cells are ~57 px across against BCCD's ~100 (hemcap.smear.detect)
 RUN_PREFIX = "quickstart-"
 
 
@@ -109,14 +108,14 @@ def evaluate_model(model_dir: Path, data_dir: Path, run_dir: Path) -> dict:
 
 
 def caption_smears(model_dir: Path, run_dir: Path, seed: int, n: int = 2) -> list[Path]:
-    """Two synthetic smears through detector, engine and parser: per-smear reports and overlays."""
+    """Two synthetic smears through detector, engine and parser: per-smear reports and overlays (the
+    red-cell size, hence the magnification, measured on each smear as for a lab's own)."""
     from hemcap.engine import CaptionEngine
-    from hemcap.smear import SmearPipeline, StainDetector, StainDetectorConfig, process_images
+    from hemcap.smear import SmearPipeline, StainDetector, process_images
     from hemcap.synthetic import write_smears
 
     smears = write_smears(run_dir / "smears" / "input", n=n, seed=seed)
-    detector = StainDetector(StainDetectorConfig(scale=SYNTHETIC_SMEAR_SCALE))
-    pipeline = SmearPipeline(CaptionEngine.from_dir(model_dir), detector=detector)
+    pipeline = SmearPipeline(CaptionEngine.from_dir(model_dir), detector=StainDetector())
     out = run_dir / "smears" / "reports"
     process_images([smears / "JPEGImages"], out, pipeline, kind="smear")
     return sorted(out.glob("*_overlay.png"))
