@@ -166,8 +166,7 @@ def _add_eval(sub) -> None:
     ev.add_argument("--reannotations", help="WBCAtt re-annotation CSV, for the human agreement ceiling")
     ev.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java; about 25 s per 3,000 captions)")
     ev.add_argument("--num-beams", type=int, help="1: greedy decoding (default: as the model's validation)")
-    ev.add_argument("--max-new-tokens", type=int, help="longest caption (default: as the model's validation)")
-    ev.add_argument("--batch", type=int, help="images decoded together (default: as the model's validation)")
+    _add_decoding(ev)
     ev.add_argument("--tta-views", type=int, choices=(1, 2, 4, 8),
                     help="caption rotated/flipped views and vote each attribute (default: as validation, 1)")
     _add_device(ev)
@@ -199,6 +198,12 @@ def _headline(metrics: dict) -> str:
     return (f"mean attribute accuracy {faith['attribute_mean']['accuracy']:.1%}, "
             f"{target.replace('_', ' ')} {faith['fields'][target]['accuracy']:.1%}, "
             f"CIDEr-D {caption['cider_d']:.3f}, BLEU-4 {caption['bleu_4']:.3f}")
+
+
+def _add_decoding(parser) -> None:
+    """The decoding settings a command may change; the model's info has the rest (``_engine_options``)."""
+    parser.add_argument("--batch", type=int, help="images decoded together (default: as the model's validation)")
+    parser.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: as validation)")
 
 
 def _add_device(parser) -> None:
@@ -454,8 +459,7 @@ def _add_caption(sub) -> None:
     kind.add_argument("--cell", dest="kind", action="store_const", const="cell",
                       help="every image is one cell crop: caption the whole image")
     caption.set_defaults(kind="auto")
-    caption.add_argument("--batch", type=int, help="crops decoded together (default: as the model's validation)")
-    caption.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: as validation)")
+    _add_decoding(caption)
     caption.add_argument("--min-confidence", type=float, default=0.5,
                          help="flag attributes stated with a lower token probability")
     caption.add_argument("--margin", type=float, default=0.6, help="context around each cell's box, share of its side")
@@ -482,6 +486,45 @@ def _run_caption(args) -> int:
                              crops=args.crops, max_pixels=args.max_pixels)
     if process_state().is_main_process:
         print("\n".join(summary_lines(summary, args.out)))
+    return 0
+
+
+@subcommand
+def _add_eval_smears(sub) -> None:
+    ev = sub.add_parser(
+        "eval-smears", help="score cell types end to end on your own labelled smears",
+        description="Detect, crop and caption the white cells on labelled smears, then score the cell types "
+                    "against a CSV of labels (image,cell_type per cell; add x0,y0,x1,y1 to match boxes): accuracy, "
+                    "balanced accuracy, recall per type and the confusion table. Reports go to OUT/reports "
+                    "(resumable), the scores to OUT/cell_types.json.")
+    ev.add_argument("images", nargs="+", metavar="IMAGE", help="smear images or folders (searched recursively)")
+    ev.add_argument("--labels", required=True, help="CSV: image,cell_type[,x0,y0,x1,y1], one row per white cell")
+    ev.add_argument("--model", required=True, help="trained model dir (hemcap train's output)")
+    ev.add_argument("--out", required=True, help="folder for the reports and scores (reused to resume)")
+    _add_decoding(ev)
+    _add_detector_options(ev)
+    _add_device(ev)
+    _add_threads(ev)
+    ev.add_argument("--overwrite", action="store_true", help="redo images whose reports exist")
+    ev.set_defaults(run=_run_eval_smears)
+
+
+def _run_eval_smears(args) -> int:
+    from hemcap.engine import CaptionEngine
+    from hemcap.smear import SmearPipeline
+    from hemcap.smear.cell_types import confusion_lines, evaluate_smears
+
+    _use_threads(args)
+    engine = CaptionEngine.from_dir(args.model, **_engine_options(args))
+    pipeline = SmearPipeline(engine, _detector(args), red_cell_px=args.red_cell_px)
+    scores = evaluate_smears(args.images, args.labels, args.out, pipeline, overwrite=args.overwrite)
+    print("\n".join(confusion_lines(scores, pipeline.cell_types)))
+    print(f"{scores['cells']} labelled cells on {scores['images']} images: accuracy {scores['accuracy']:.1%}, "
+          f"balanced accuracy {scores['balanced_accuracy']:.1%}, {scores['missed']} not detected")
+    for key, what in (("unlabelled_images", "images without labels"), ("labels_without_image", "labels without image")):
+        if scores[key]:
+            print(f"{len(scores[key])} {what}: {', '.join(scores[key][:5])}{' ...' if len(scores[key]) > 5 else ''}")
+    print(f"wrote {args.out}/cell_types.json")
     return 0
 
 

@@ -5,6 +5,7 @@
 - ``learned``: the learned ``CenterNetDetector`` and its folder; ``train_detector`` trains it;
 - ``saved``: boxes other tools saved (YOLO txt, COCO JSON), ``build_detector``;
 - ``labelled`` and ``scoring``: labelled smears (TXL-PBC, BCCD) and AP / recall / IoU per source lab;
+- ``cell_types``: cell types scored end to end on a lab's own labelled smears (``hemcap eval-smears``);
 - ``coco``: COCO detection JSON of a batch;
 - ``report``: ``SmearReport`` and ``CellReport``, the differential count, flags, report files;
 - ``overlay``: the numbered-box picture a reviewer checks;
