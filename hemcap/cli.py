@@ -171,6 +171,9 @@ def _add_eval(sub) -> None:
                     help="caption rotated/flipped views and vote each attribute (default: as validation, 1)")
     _add_device(ev)
     _add_threads(ev)
+    ev.add_argument("--look", action="append", metavar="DIR",
+                    help="a folder of another lab's smears: also score the split re-rendered in their colours and "
+                         "magnification (hemcap.looks; repeat for several)")
     ev.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ev.set_defaults(run=_run_eval)
 
@@ -183,10 +186,13 @@ def _run_eval(args) -> int:
     options = EvalOptions(
         model_dir=Path(args.model), data_dir=Path(args.data), out_dir=Path(args.out), split=args.split,
         limit=args.limit, reannotations=Path(args.reannotations) if args.reannotations else None,
-        meteor=False if args.no_meteor else None, overwrite=args.overwrite)
+        meteor=False if args.no_meteor else None, overwrite=args.overwrite,
+        looks=tuple(Path(folder) for folder in args.look or ()))
     _use_threads(args)
     metrics = evaluate(options, _engine_options(args))
     print(f"{metrics['n']} captions; {_headline(metrics)}")
+    if options.looks:
+        print((Path(args.out) / "looks.md").read_text(encoding="utf-8"))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 

@@ -29,6 +29,7 @@ class EvalOptions:
     meteor: bool | None = None  # None: when Java is present
     overwrite: bool = False  # replace out_dir if it exists
     seed: int = 0  # picks the random example captions
+    looks: tuple[Path, ...] = ()  # folders of other labs' smears: the split is also scored in each one's look
 
     def __post_init__(self):
         problems = []
@@ -40,6 +41,7 @@ class EvalOptions:
             problems.append(f"limit must be >= 1 (got {self.limit})")
         if Path(self.out_dir).exists() and not self.overwrite:
             problems.append(f"output dir {self.out_dir} exists; pass --overwrite to replace it")
+        problems += [f"look folder {folder} does not exist" for folder in self.looks if not Path(folder).is_dir()]
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -67,8 +69,68 @@ def evaluate(options: EvalOptions, settings: dict | None = None) -> dict:
             meta={"model": str(options.model_dir), "data": str(options.data_dir), "split": options.split},
             schema=engine.schema,
         )
+        if options.looks:
+            metrics["looks"] = score_looks(engine, rows, options, metrics, staging)
         write_report(metrics, staging)
     return metrics
+
+
+def score_looks(engine: CaptionEngine, rows, options: EvalOptions, in_domain: dict, out: Path) -> list[dict]:
+    """The split captioned and scored again in each look (``hemcap.looks``): ``looks/<name>/predictions.jsonl``,
+    a row per look in ``looks.md``, and the rows returned."""
+    from hemcap.looks import measure_look, restyle
+    from hemcap.metrics import score_records, write_predictions
+
+    red_cell_px = split_red_cell_px(rows)
+    table = [look_row("in domain", None, in_domain, in_domain)]
+    for folder in options.looks:
+        look = measure_look(folder)
+        records = caption_dataset(engine, rows, transform=lambda image: restyle(image, look, red_cell_px))
+        write_predictions(records, out / "looks" / look.name / "predictions.jsonl")
+        table.append(look_row(look.name, look, score_records(records, meteor=False, schema=engine.schema), in_domain))
+    (out / "looks.md").write_text(looks_markdown(table, red_cell_px), encoding="utf-8")
+    return table
+
+
+def split_red_cell_px(rows, sample: int = 40) -> float | None:
+    """The split's magnification: the median red-cell size of its first ``sample`` images."""
+    import statistics
+
+    from hemcap.smear.magnification import estimate_red_cell_px
+
+    sizes = [size.px for row in rows.select(range(min(sample, len(rows))))
+             if (size := estimate_red_cell_px(row["image"].convert("RGB"))).px]
+    return statistics.median(sizes) if sizes else None
+
+
+def look_row(name: str, look, metrics: dict, in_domain: dict) -> dict:
+    """Mean attribute accuracy and cell-type accuracy in one look, and their drops from in domain."""
+    mean, kind = _headline(metrics)
+    base_mean, base_kind = _headline(in_domain)
+    return {"look": name, "red_cell_px": look.red_cell_px if look else None, "attribute_accuracy": mean,
+            "cell_type_accuracy": kind, "attribute_drop": base_mean - mean,
+            "cell_type_drop": None if kind is None else base_kind - kind,
+            "definition": look.as_dict() if look else None}
+
+
+def _headline(metrics: dict) -> tuple[float, float | None]:
+    faithfulness = metrics["faithfulness"]
+    target = next(iter(faithfulness.get("targets", [])), None)  # the cell type, in WBCAtt's schema
+    accuracy = faithfulness["fields"][target]["accuracy"] if target else None
+    return faithfulness["attribute_mean"]["accuracy"], accuracy
+
+
+def looks_markdown(table: list[dict], red_cell_px: float | None) -> str:
+    size = f"{red_cell_px:.0f} px" if red_cell_px else "not measured"
+    lines = [f"# The split in other labs' looks (its own red cells: {size})", "",
+             "| look | red cells | mean attribute accuracy | drop | cell type | drop |", "|---|---|---|---|---|---|"]
+    for row in table:
+        kind = "-" if row["cell_type_accuracy"] is None else f"{row['cell_type_accuracy']:.1%}"
+        drop = "-" if row["cell_type_drop"] is None else f"{100 * row['cell_type_drop']:.1f}"
+        px = f"{row['red_cell_px']:.0f} px" if row["red_cell_px"] else "-"
+        lines.append(f"| {row['look']} | {px} | {row['attribute_accuracy']:.1%} | {100 * row['attribute_drop']:.1f} | "
+                     f"{kind} | {drop} |")
+    return "\n".join(lines) + "\n"
 
 
 def _check_schema(model_schema, data_schema, options: EvalOptions) -> None:
@@ -77,8 +139,9 @@ def _check_schema(model_schema, data_schema, options: EvalOptions) -> None:
                          f"labelled with {data_schema.name!r}; evaluate it on data of its own schema")
 
 
-def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None) -> list[dict]:
-    """Prediction records (see ``hemcap.metrics``) for every row of a prepared split."""
+def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None, transform=None) -> list[dict]:
+    """Prediction records (see ``hemcap.metrics``) for every row of a prepared split; ``transform``
+    changes each image first."""
     from tqdm.auto import tqdm
 
     schema = engine.schema
@@ -86,6 +149,8 @@ def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None) 
     records = []
     with tqdm(total=len(rows), desc="captioning", unit="img") as bar:
         for batch in _batches(rows, batch_size):
+            if transform:
+                batch = [{**row, "image": transform(row["image"])} for row in batch]
             for row, caption in zip(batch, engine.caption_rows(batch)):
                 records.append(_record(row, caption, schema))
             bar.update(len(batch))

@@ -4,7 +4,9 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from hemcap.cli import main
 from hemcap.metrics import score_predictions
@@ -64,3 +66,29 @@ def test_eval_bad_inputs(tiny_blip_dir, tmp_path, capsys):
     code = main(["eval", "--model", str(tiny_blip_dir), "--data", str(data), "--out", str(tmp_path / "r"), "--batch", "0"])
     assert code == 2 and "decode_chunk must be >= 1 (got 0)" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_eval_in_other_labs_looks(trained, tmp_path, capsys):
+    from hemcap.synthetic import draw_smear
+
+    model, data = trained
+    looks = tmp_path / "looks"
+    for name, tint in (("bluish", (0.8, 0.9, 1.1)), ("same", (1.0, 1.0, 1.0))):
+        (looks / name).mkdir(parents=True)
+        for seed in range(3):
+            pixels = np.asarray(draw_smear(seed)[0], np.float32) * np.array(tint)
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(looks / name / f"{seed}.png")
+    out = tmp_path / "report"
+    argv = ["eval", "--model", str(model), "--data", str(data), "--split", "test", "--out", str(out), "--no-meteor",
+            "--look", str(looks / "bluish"), "--look", str(looks / "same")]
+    assert main(argv) == 0
+    assert "| bluish |" in capsys.readouterr().out
+    rows = {row["look"]: row for row in json.loads((out / "metrics.json").read_text())["looks"]}
+    assert list(rows) == ["in domain", "bluish", "same"] and rows["in domain"]["attribute_drop"] == 0
+    assert 50 <= rows["bluish"]["red_cell_px"] <= 70  # measured on the look's smears
+    assert rows["bluish"]["definition"]["lab_mean"][2] < rows["same"]["definition"]["lab_mean"][2]  # bluer: lower b*
+    for name in ("bluish", "same"):
+        assert (out / "looks" / name / "predictions.jsonl").is_file()
+        assert 0 <= rows[name]["attribute_accuracy"] <= 1
+    assert (out / "looks.md").read_text().count("\n| ") == 4  # header + in domain + two looks
