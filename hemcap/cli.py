@@ -206,6 +206,13 @@ def _headline(metrics: dict) -> str:
             f"CIDEr-D {caption['cider_d']:.3f}, BLEU-4 {caption['bleu_4']:.3f}")
 
 
+def _add_images_model_out(parser, out_help: str) -> None:
+    """The images, the captioner and the output folder of a command that captions folders of images."""
+    parser.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
+    parser.add_argument("--model", required=True, help="trained model dir (hemcap train's output, e.g. runs/x/model)")
+    parser.add_argument("--out", required=True, help=out_help)
+
+
 def _add_decoding(parser) -> None:
     """The decoding settings a command may change; the model's info has the rest (``_engine_options``)."""
     parser.add_argument("--batch", type=int, help="images decoded together (default: as the model's validation)")
@@ -456,9 +463,7 @@ def _add_caption(sub) -> None:
                     "summary.json. Images already done are skipped, so a stopped run resumes. Under "
                     "`accelerate launch --num_processes N -m hemcap.cli caption ...` the images are split across "
                     "processes (one per GPU; without GPUs add --multi_gpu: --cpu starts a single process).")
-    caption.add_argument("images", nargs="+", metavar="IMAGE", help="image files or folders (searched recursively)")
-    caption.add_argument("--model", required=True, help="trained model dir (hemcap train's output, e.g. runs/x/model)")
-    caption.add_argument("--out", required=True, help="folder for the reports (created; reused to resume)")
+    _add_images_model_out(caption, "folder for the reports (created; reused to resume)")
     kind = caption.add_mutually_exclusive_group()
     kind.add_argument("--detect", dest="kind", action="store_const", const="smear",
                       help="every image is a smear: detect the cells, caption each")
@@ -503,10 +508,8 @@ def _add_eval_smears(sub) -> None:
                     "against a CSV of labels (image,cell_type per cell; add x0,y0,x1,y1 to match boxes): accuracy, "
                     "balanced accuracy, recall per type and the confusion table. Reports go to OUT/reports "
                     "(resumable), the scores to OUT/cell_types.json.")
-    ev.add_argument("images", nargs="+", metavar="IMAGE", help="smear images or folders (searched recursively)")
+    _add_images_model_out(ev, "folder for the reports and scores (reused to resume)")
     ev.add_argument("--labels", required=True, help="CSV: image,cell_type[,x0,y0,x1,y1], one row per white cell")
-    ev.add_argument("--model", required=True, help="trained model dir (hemcap train's output)")
-    ev.add_argument("--out", required=True, help="folder for the reports and scores (reused to resume)")
     _add_decoding(ev)
     _add_detector_options(ev)
     _add_device(ev)
