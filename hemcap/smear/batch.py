@@ -36,7 +36,6 @@ from hemcap.fileio import staging_dir, write_json
 from hemcap.images import MAX_PIXELS, NOT_AN_IMAGE, ImageError, iter_images, load_rgb
 from hemcap.smear.coco import coco_box, to_coco
 from hemcap.smear.detect import Detector, StainDetector, crop_cells, find_cells
-from hemcap.smear.magnification import measure_red_cells
 from hemcap.smear.pipeline import KINDS, SmearPipeline
 from hemcap.smear.report import (UNCLASSIFIED, SmearReport, complete_report, counts_table, read_report,
                                  write_report)
@@ -208,9 +207,7 @@ class DetectTask(Task):
         self.red_cell_px = red_cell_px  # None: measured on each image
 
     def __call__(self, image: Image.Image, path: Path, stem: str, notes: list[str]) -> dict:
-        red_cells = measure_red_cells(image, self.red_cell_px, self.detector)
-        notes += [red_cells.note] if red_cells.note else []
-        detections = find_cells(self.detector, image, path, notes, red_cells.px)
+        detections, red_cells = find_cells(self.detector, image, path, notes, self.red_cell_px)
         names = [f"crops/{stem}_{number}.png" for number in range(len(detections))]
         (self.folder / "crops").mkdir(exist_ok=True)
         for name, crop in zip(names, crop_cells(image, detections, self.crop_size, self.margin)):

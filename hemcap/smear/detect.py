@@ -190,12 +190,19 @@ def detect(image: ImageLike, config: StainDetectorConfig | None = None) -> list[
 
 
 def find_cells(detector: Detector, image: Image.Image, path: str | Path | None = None,
-               notes: list[str] | None = None, red_cell_px: float | None = None) -> list[Detection]:
-    """``detector``'s cells; a note in ``notes`` says why when the stain detector finds none on a grey image."""
-    detections = detector(image, path=path, red_cell_px=red_cell_px)
+               notes: list[str] | None = None, red_cell_px: float | None = None):
+    """``(detections, red_cells)``: ``detector``'s cells at the image's magnification, ``red_cell_px``
+    when given, else measured (``hemcap.smear.magnification.measure_red_cells``). ``notes`` gets why
+    the size had to be guessed, and why the stain detector finds no cell on a grey image."""
+    from hemcap.smear.magnification import measure_red_cells  # it builds on this module
+
+    red_cells = measure_red_cells(image, red_cell_px, detector)
+    if notes is not None and red_cells.note:
+        notes.append(red_cells.note)
+    detections = detector(image, path=path, red_cell_px=red_cells.px)
     if notes is not None and not detections and isinstance(detector, StainDetector) and is_grey(image):
         notes.append(NEEDS_COLOUR)
-    return detections
+    return detections, red_cells
 
 
 def is_grey(image: ImageLike) -> bool:

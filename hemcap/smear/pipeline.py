@@ -83,10 +83,8 @@ class SmearPipeline:
     def run_cell(self, image: Image.Image, name: str = "", notes: list[str] | None = None) -> SmearReport:
         """The whole image as one cell (padded to a square with the slide background, then resized)."""
         image, notes = self._prepare(image, notes)
-        crop = square_crop(image, (0, 0, image.width, image.height), 0.0, self.crop_size)
-        (caption,) = self.engine.caption([crop])
         red_cells = measure_red_cells(image, self.red_cell_px, self.detector)  # a crop rarely shows enough: no note
-        return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell", red_cells)
+        return self._whole_image(image, name, red_cells, notes)
 
     def run_auto(self, image: Image.Image, name: str = "", kind: str = "auto",
                  notes: list[str] | None = None) -> SmearReport:
@@ -98,7 +96,7 @@ class SmearPipeline:
         image, notes = self._prepare(image, notes)
         detections, red_cells = self._detect(image, name, notes)
         if kind == "auto" and looks_like_cell(image.size, detections):
-            return self.run_cell(image, name, notes)
+            return self._whole_image(image, name, red_cells, notes)
         return self._smear(image, name, detections, red_cells, notes)
 
     def _prepare(self, image: Image.Image, notes: list[str] | None) -> tuple[Image.Image, list[str]]:
@@ -111,10 +109,12 @@ class SmearPipeline:
         return as_pil_rgb(image), notes
 
     def _detect(self, image: Image.Image, name: str, notes: list[str]) -> tuple[list[Detection], RedCellSize]:
-        red_cells = measure_red_cells(image, self.red_cell_px, self.detector)
-        if red_cells.note:
-            notes.append(red_cells.note)
-        return find_cells(self.detector, image, name or None, notes, red_cells.px), red_cells
+        return find_cells(self.detector, image, name or None, notes, self.red_cell_px)
+
+    def _whole_image(self, image: Image.Image, name: str, red_cells: RedCellSize, notes: list[str]) -> SmearReport:
+        crop = square_crop(image, (0, 0, image.width, image.height), 0.0, self.crop_size)
+        (caption,) = self.engine.caption([crop])
+        return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell", red_cells)
 
     def _smear(self, image: Image.Image, name: str, detections: list[Detection], red_cells: RedCellSize,
                notes: list[str]) -> SmearReport:

@@ -73,8 +73,8 @@ def load_samples(smears: Sequence[LabelledSmear], cfg: DetectorTrainingConfig) -
     """The smears with labelled red cells (they give each smear's magnification, and the network learns
     to find them); every TXL-PBC and BCCD smear has them."""
     factor = cfg.net.work_red_cell_px * cfg.scale_jitter
-    return [_sample(smear, factor / smear.median_red_cell_px(), cfg.net.classes)
-            for smear in smears if smear.median_red_cell_px()]
+    return [_sample(smear, factor / red_cell_px, cfg.net.classes)
+            for smear in smears if (red_cell_px := smear.median_red_cell_px())]
 
 
 def _sample(smear: LabelledSmear, factor: float, classes: Sequence[str]) -> Sample:
