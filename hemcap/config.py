@@ -212,9 +212,26 @@ class AugmentConfig(_Section):
     """Max relative change of brightness, contrast and saturation (0 = off)."""
     stain_jitter: float = 0.0
     """Max relative change of each colour channel's optical density, as other stains shift it (0 = off)."""
+    # Other labs' optics and cameras: each reaches a random half of a batch, at a strength drawn up to its maximum.
+    scale: float = 0.0
+    """Max relative zoom about the centre, as another objective magnifies (0.15: x0.85 to x1.15; 0 = off)."""
+    blur: float = 0.0
+    """Max Gaussian defocus sigma, in pixels of the model input (0 = off)."""
+    gamma: float = 0.0
+    """Max |log gamma| of a camera's tone curve x ** gamma (0.2: gamma from 0.82 to 1.22; 0 = off)."""
+    noise: float = 0.0
+    """Max standard deviation of additive Gaussian sensor noise, in [0, 1] intensity units (0 = off)."""
+    jpeg_quality: int | None = None
+    """Lowest quality of a JPEG re-compression, drawn from jpeg_quality to 95 (null = off)."""
 
     def problems(self) -> list[str]:
-        return _in_range(self, "color_jitter", 0.0, 1.0) + _in_range(self, "stain_jitter", 0.0, 1.0)
+        problems = _in_range(self, "color_jitter", 0.0, 1.0) + _in_range(self, "stain_jitter", 0.0, 1.0)
+        problems += _in_range(self, "scale", 0.0, 0.5)  # a factor of 0.5 already halves a cell
+        problems += _in_range(self, "blur", 0.0, 10.0) + _in_range(self, "gamma", 0.0, 1.0)
+        problems += _in_range(self, "noise", 0.0, 1.0)
+        if self.jpeg_quality is not None:
+            problems += _in_range(self, "jpeg_quality", 1, 95)
+        return problems
 
 
 @dataclass

@@ -108,3 +108,18 @@ def test_quantization_needs_lora_and_pretrained_weights():
 def test_missing_config_file_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_augment_values_out_of_range_are_reported_together():
+    raw = {"augment": {"scale": 0.7, "blur": -1, "gamma": 2.0, "noise": 1.5, "jpeg_quality": 0}}
+    with pytest.raises(ConfigError) as error:
+        RunConfig.from_dict(raw)
+    message = str(error.value)
+    for expected in ("augment.scale=0.7 should be between 0.0 and 0.5", "augment.blur=-1.0 should be between",
+                     "augment.gamma=2.0", "augment.noise=1.5", "augment.jpeg_quality=0 should be between 1 and 95"):
+        assert expected in message, expected
+    with pytest.raises(ConfigError, match="augment.jpeg_quality=96"):
+        RunConfig.from_dict({"augment": {"jpeg_quality": 96}})
+    cfg = RunConfig.from_dict({"augment": {"scale": 0.15, "blur": 1, "jpeg_quality": 60}}).augment
+    assert (cfg.scale, cfg.blur, cfg.jpeg_quality, cfg.gamma, cfg.noise) == (0.15, 1.0, 60, 0.0, 0.0)
+    assert RunConfig.from_dict({}).augment.jpeg_quality is None

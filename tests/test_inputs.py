@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from hemcap.config import AugmentConfig
-from hemcap.inputs import Prefetcher, TrainBatches, augment_pixels, decode_split, gather_rows, map_split
+from hemcap.inputs import Prefetcher, TrainBatches, augment_pixels, decode_split, gather_rows, map_split, zoom
 
 
 def png(colour, size=(20, 10)) -> bytes:
@@ -188,3 +188,127 @@ def test_a_one_thread_prefetcher_leaves_the_callers_torch_threads_alone():
     assert torch.get_num_threads() == before
     with Prefetcher(lambda step: torch.get_num_threads()) as prefetch:
         assert prefetch(0) == before
+
+
+# ------------------------------------------------------------------------------ other labs' optics and cameras
+
+CAMERA = {"scale": 0.15, "blur": 1.0, "gamma": 0.2, "noise": 0.03, "jpeg_quality": 60}
+
+
+def smooth_images(n=16, size=32, seed=0, grain=55) -> torch.Tensor:
+    """uint8 images with smooth structure (like cells on a background) and ``grain`` levels of pixel noise."""
+    noise = torch.rand(n, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(seed))
+    coarse = torch.nn.functional.interpolate(noise, size=(size, size), mode="bilinear", align_corners=False)
+    fine = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed + 1))
+    return (coarse * 200 + fine * grain).to(torch.uint8)
+
+
+def augmented(pixels, seed=0, **fields) -> torch.Tensor:
+    cfg = AugmentConfig(rotate90=False, flip=False, **fields)
+    return augment_pixels(pixels, cfg, torch.Generator().manual_seed(seed))
+
+
+def test_with_the_new_augmentations_off_the_batch_is_what_it_was():
+    pixels = torch.randint(0, 256, (4, 3, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    cfg = AugmentConfig(color_jitter=0.2, stain_jitter=0.2, scale=0.0, blur=0.0, gamma=0.0, noise=0.0,
+                        jpeg_quality=None)
+    out = augment_pixels(pixels, cfg, torch.Generator().manual_seed(0))
+    assert out.sum().item() == pytest.approx(341.96994, abs=1e-3)  # the figures before these augmentations
+    assert out[:, 0, 2, 5].tolist() == pytest.approx([0.5804721, 0.3044115, 0.5751486, 0.3069597], abs=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(CAMERA))
+def test_each_camera_augmentation_changes_about_half_a_batch_in_range(name):
+    pixels = smooth_images()
+    changed = 0
+    for seed in range(4):
+        before, after = augmented(pixels, seed), augmented(pixels, seed, **{name: CAMERA[name]})
+        assert after.shape == pixels.shape and after.dtype == torch.float32
+        assert after.min() >= 0 and after.max() <= 1
+        changed += sum(not torch.equal(a, b) for a, b in zip(before, after))  # the others are left exactly
+    assert 20 <= changed <= 44, changed  # of 64 images; p = 0.5
+
+
+def test_the_same_seed_gives_the_same_batch():
+    pixels = smooth_images()
+    fields = {**CAMERA, "color_jitter": 0.1, "stain_jitter": 0.1}
+    assert torch.equal(augmented(pixels, 3, **fields), augmented(pixels, 3, **fields))
+    assert not torch.equal(augmented(pixels, 3, **fields), augmented(pixels, 4, **fields))
+
+
+def changed_only(pixels, seed=0, **fields) -> tuple[torch.Tensor, torch.Tensor]:
+    """(before, after) of the images an augmentation touched."""
+    before, after = augmented(pixels, seed), augmented(pixels, seed, **fields)
+    touched = (before != after).flatten(1).any(1)
+    assert touched.any()
+    return before[touched], after[touched]
+
+
+def mean_abs_laplacian(x: torch.Tensor) -> float:
+    laplacian = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
+    return laplacian.abs().mean().item()
+
+
+def test_blur_lowers_high_frequency_energy():
+    before, after = changed_only(smooth_images(), blur=2.0)
+    assert mean_abs_laplacian(after) < 0.8 * mean_abs_laplacian(before)
+    assert (after.mean(dim=(2, 3)) - before.mean(dim=(2, 3))).abs().max() < 0.01  # the colour is kept
+
+
+DISC, BACKGROUND = torch.tensor([120, 60, 140]).view(3, 1, 1), torch.tensor([230, 220, 225]).view(3, 1, 1)
+
+
+def disc(n=16, size=128, radius=30) -> torch.Tensor:
+    """A dark centred disc (a cell) on a light background, its edge antialiased over a pixel."""
+    yy, xx = torch.meshgrid(torch.arange(size) + 0.5, torch.arange(size) + 0.5, indexing="ij")
+    inside = (radius + 0.5 - ((yy - size / 2) ** 2 + (xx - size / 2) ** 2).sqrt()).clamp(0, 1)
+    return (BACKGROUND + (DISC - BACKGROUND) * inside).round().to(torch.uint8).expand(n, 3, size, size).contiguous()
+
+
+def disc_radius_and_centre(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Radius (from the area) and centre of the dark disc, weighted by darkness: sub-pixel."""
+    darkness = ((x[:, 1] - 220 / 255) / ((60 - 220) / 255)).clamp(0, 1)
+    area, coords = darkness.sum((1, 2)), torch.arange(x.shape[-1]) + 0.5
+    centre_y, centre_x = (darkness.sum(2) * coords).sum(1) / area, (darkness.sum(1) * coords).sum(1) / area
+    return (area / torch.pi).sqrt(), centre_y, centre_x
+
+
+def test_zoom_scales_a_centred_disc_about_the_centre_and_pads_with_background():
+    x = disc(n=3).float() / 255
+    out = zoom(x, torch.tensor([0.85, 1.0, 1.15]))
+    radius, centre_y, centre_x = disc_radius_and_centre(out)
+    assert (radius / disc_radius_and_centre(x)[0]).tolist() == pytest.approx([0.85, 1.0, 1.15], abs=0.005)
+    assert ((centre_y - 64).abs() < 0.05).all() and ((centre_x - 64).abs() < 0.05).all()
+    assert torch.allclose(out[1], x[1], atol=1e-6)  # a factor of 1 samples every pixel at its centre
+    assert (out[0, :, :3, :] - BACKGROUND / 255).abs().max() < 1e-5  # the frame a shrink adds is background
+
+
+def test_scale_keeps_a_centred_disc_centred_and_changes_its_size_by_at_most_the_scale():
+    pixels = disc()
+    radius, centre_y, centre_x = disc_radius_and_centre(augmented(pixels, 1, scale=0.15))
+    ratios = radius / disc_radius_and_centre(pixels.float() / 255)[0]
+    assert ((centre_y - 64).abs() < 0.05).all() and ((centre_x - 64).abs() < 0.05).all()
+    assert ((ratios > 0.85 - 0.005) & (ratios < 1.15 + 0.005)).all(), ratios
+    assert 4 <= ((ratios - 1).abs() > 1e-3).sum() <= 12 and (ratios > 1.01).any() and (ratios < 0.99).any()
+
+
+def test_jpeg_changes_the_images_a_little():
+    before, after = changed_only(smooth_images(size=64, grain=10), jpeg_quality=60)
+    difference = (after - before).abs().mean().item()
+    assert 0.001 < difference < 0.05
+
+
+def test_noise_raises_the_variance_of_a_flat_image():
+    flat = torch.full((16, 3, 32, 32), 128, dtype=torch.uint8)
+    _, after = changed_only(flat, noise=0.05)
+    std = after.flatten(1).std(1)
+    assert (std > 0).all() and std.max() < 0.06
+    assert (after.flatten(1).mean(1) - 128 / 255).abs().max() < 0.01  # zero-mean noise
+
+
+def test_gamma_keeps_black_and_white_and_bends_the_middle():
+    pixels = torch.tensor([0, 128, 255], dtype=torch.uint8).view(1, 1, 1, 3).expand(16, 3, 4, 3).contiguous()
+    _, after = changed_only(pixels, gamma=0.2)
+    assert (after[..., 0] == 0).all() and (after[..., 2] == 1).all()
+    middle = after[:, 0, 0, 1]
+    assert ((middle >= (128 / 255) ** 1.2215) & (middle <= (128 / 255) ** 0.8187)).all()
