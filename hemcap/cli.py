@@ -217,6 +217,9 @@ def _add_decoding(parser) -> None:
     """The decoding settings a command may change; the model's info has the rest (``_engine_options``)."""
     parser.add_argument("--batch", type=int, help="images decoded together (default: as the model's validation)")
     parser.add_argument("--max-new-tokens", type=int, help="longest caption in tokens (default: as validation)")
+    parser.add_argument("--no-stain-norm", dest="stain_norm", action="store_false", default=None,
+                        help="give the model each image's own colours (default: moved to the training images' "
+                             "colours, when the model records them)")
 
 
 def _add_device(parser) -> None:
@@ -237,7 +240,8 @@ def _use_threads(args) -> None:
 def _engine_options(args) -> dict:
     """The decoding flags given (``--batch``, ``--device``, ...) as engine settings; the model's info has the rest."""
     options = {"decode_chunk": args.batch, "device": args.device, "max_new_tokens": args.max_new_tokens,
-               "num_beams": getattr(args, "num_beams", None), "tta_views": getattr(args, "tta_views", None)}
+               "num_beams": getattr(args, "num_beams", None), "tta_views": getattr(args, "tta_views", None),
+               "stain_norm": args.stain_norm}
     return {name: value for name, value in options.items() if value is not None}  # --batch 0 meets the engine's check
 
 

@@ -190,9 +190,14 @@ class DataConfig(_Section):
     """Use only the first N training rows (for quick runs)."""
     cache_dir: str | None = None
     """Where decoded, resized pixels are cached (default: <path>/.hemcap_cache)."""
+    stain_norm: str = "none"
+    """Colours moved to the training images' for training, validation and captioning: none, reinhard, anchors."""
 
     def problems(self) -> list[str]:
+        from hemcap.domain import NORMALISATIONS
+
         problems = _one_of("captions", self.captions, ("canonical", "variants"))
+        problems += _one_of("stain_norm", self.stain_norm, NORMALISATIONS)
         problems += _positive(self, "max_train_samples", allow_none=True)
         if not self.path:
             problems.append("path: a dataset dir is needed")

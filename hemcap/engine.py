@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Sequence
 
 from hemcap.captions import compiled_parser, tidy
+from hemcap.domain import Domain, normalise_stain
+from hemcap.images import model_sized
 from hemcap.schema import Schema, get_schema
 
 log = logging.getLogger(__name__)
@@ -51,6 +53,7 @@ class EngineSettings:
     decode_chunk: int = 128  # encoded images decoded together; decoding is memory-bound at batch 1
     tta_views: int = 1  # 1, 2, 4 or 8 rotations/flips captioned per image, attributes voted (cells have no orientation)
     device: str | None = None  # "cpu", "cuda", "cuda:1", ...; None: the first GPU if there is one, else the CPU
+    stain_norm: bool = True  # give each image the training images' colours, as the model's info says (hemcap.domain)
 
     def __post_init__(self):
         problems = [f"{name} must be >= 1 (got {getattr(self, name)})"
@@ -116,6 +119,7 @@ class CaptionEngine:
         self.schema = get_schema(schema) if schema is not None else backend.info.schema_object()
         self.settings = settings or EngineSettings()
         self.parser = compiled_parser(self.schema)
+        self.domain = Domain.from_info(backend.info)  # None: trained before hemcap recorded it
         if not getattr(backend.model, "hf_device_map", None):  # models placed by accelerate stay where they are
             backend.model.to(engine_device(self.settings.device))
 
@@ -138,6 +142,8 @@ class CaptionEngine:
 
         if not rows:
             return []
+        if self.normalises_stain:
+            rows = [{**row, "image": self.normalised(row["image"])} if "image" in row else row for row in rows]
         views = self.settings.tta_views
         if views > 1:
             rows = [{key: dihedral(value, k) for key, value in row.items() if key in ("image", "pixels")}
@@ -148,6 +154,14 @@ class CaptionEngine:
         if views == 1:
             return captions
         return [self._vote(captions[i : i + views]) for i in range(0, len(captions), views)]
+
+    @property
+    def normalises_stain(self) -> bool:
+        return self.settings.stain_norm and self.domain is not None and self.domain.normalises
+
+    def normalised(self, image):
+        """``image`` at the model's input size, in the training images' colours (``hemcap.domain``)."""
+        return normalise_stain(model_sized(image, self.backend.image_size), self.domain)
 
     def _vote(self, views: list[Caption]) -> Caption:
         """One caption from several views: each field takes the value with the most summed confidence.

@@ -118,19 +118,24 @@ def background_colour(image: Image.Image) -> tuple[int, int, int]:
 def model_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """uint8 (3, height, width) of ``image`` at the model's input ``size``: the one resize that
     training, validation, evaluation and inference all use, so the model always sees the same pixels."""
+    return np.asarray(model_sized(image, size)).transpose(2, 0, 1).copy()
+
+
+def model_sized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """``image`` in RGB at the model's input ``size`` (height, width)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
-    return np.asarray(image).transpose(2, 0, 1).copy()
+    return image
 
 
 def square_crop(image: Image.Image, box, margin: float = 0.25, size: int | None = None,
-                fill: tuple[int, int, int] | None = None) -> Image.Image:
+                fill: tuple[int, int, int] | None = None, min_side: float | None = None) -> Image.Image:
     """A square RGB crop centred on ``box`` = (x0, y0, x1, y1), ``margin`` of the box's longer side
-    added on each side, resized to ``size`` x ``size`` when given. Parts outside the image are
-    filled with ``fill`` (default: `background_colour`)."""
+    added on each side, at least ``min_side`` across, resized to ``size`` x ``size`` when given.
+    Parts outside the image are filled with ``fill`` (default: `background_colour`)."""
     x0, y0, x1, y1 = (float(v) for v in box)
-    side = max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * margin)
+    side = max(max(x1 - x0, y1 - y0, 1.0) * (1 + 2 * margin), min_side or 0.0)
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
     left, top = int(round(cx - side / 2)), int(round(cy - side / 2))
     extent = max(1, int(round(side)))

@@ -110,17 +110,23 @@ def restyle(image: Image.Image, look: Look, red_cell_px: float | None = None) ->
     red-cell size) is given and the look's red cells are smaller, its resolution too; and when the
     look has a sharpness below the image's, blurred to it (the image's red cells, when not given,
     are measured; an image without a measurable one is not blurred)."""
-    from skimage.color import lab2rgb, rgb2lab
-
     mean, std = lab_statistics(image)
-    lab = rgb2lab(np.asarray(image.convert("RGB")))
-    lab = (lab - mean) / std * np.asarray(look.lab_std) + np.asarray(look.lab_mean)
-    styled = Image.fromarray(np.round(np.clip(lab2rgb(lab), 0, 1) * 255).astype(np.uint8))
+    styled = transfer_colour(image, mean, std, np.asarray(look.lab_mean), np.asarray(look.lab_std))
     if look.red_cell_px and red_cell_px and look.red_cell_px < red_cell_px:
         styled = _resampled(styled, look.red_cell_px / red_cell_px)
     if look.sharpness:
         styled = _softened(styled, look.sharpness, red_cell_px or _red_cell_px(image))
     return styled
+
+
+def transfer_colour(image: Image.Image, mean: np.ndarray, std: np.ndarray, to_mean: np.ndarray,
+                    to_std: np.ndarray) -> Image.Image:
+    """Reinhard et al.'s transfer: each CIELAB channel of ``image`` (statistics ``mean``, ``std``)
+    shifted and scaled to ``to_mean``, ``to_std``."""
+    from skimage.color import lab2rgb, rgb2lab
+
+    lab = (rgb2lab(np.asarray(image.convert("RGB"))) - mean) / std * to_std + to_mean
+    return Image.fromarray(np.round(np.clip(lab2rgb(lab), 0, 1) * 255).astype(np.uint8))
 
 
 def _resampled(image: Image.Image, factor: float) -> Image.Image:

@@ -276,12 +276,26 @@ def build_backend(cfg: RunConfig, train_split, schema, precision: str, out: Path
     if trainable == 0:
         raise models.ModelError("no trainable parameters: check model.freeze_vision and the LoRA targets")
     decoding = dataclasses.asdict(eval_settings(cfg))
-    backend.info.decoding = {k: v for k, v in decoding.items() if k != "device"}  # hemcap eval decodes as validation
+    backend.info.decoding = {k: v for k, v in decoding.items() if k not in ("device", "stain_norm")}  # eval decodes so
+    if resume_dir is None:
+        _record_domain(backend, train_split, cfg.data.stain_norm)
     return backend
 
 
+def _record_domain(backend: models.Backend, train_split, stain_norm: str) -> None:
+    """The training images' magnification and colour, in the model's info (``hemcap.domain``)."""
+    from hemcap.domain import SAMPLE, measure_domain
+
+    sample = train_split.select(range(min(SAMPLE, len(train_split))))
+    domain = measure_domain(sample["image"], stain_norm)
+    backend.info.magnification, backend.info.colour = domain.info_fields(len(sample))
+    log.info("training images: red cells %s px in a %s px field; CIELAB mean %s", domain.red_cell_px,
+             domain.field_px, domain.lab_mean)
+
+
 def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tuple[TrainBatches, list[str]]:
-    pixels, rows = map_split(split, backend.image_size, _cache_dir(cfg, out))  # memory-mapped: batches read their rows
+    pixels, rows = map_split(split, backend.image_size, _cache_dir(cfg, out),  # memory-mapped: batches read their rows
+                             transform=_stain_normaliser(backend))
     if cfg.data.captions == "variants":
         captions = split["captions"]
     else:
@@ -321,11 +335,20 @@ def _own_processor(backend: models.Backend) -> models.Backend:
 
 
 def _val_set(cfg: RunConfig, backend, split, schema, out: Path) -> ValSet:
-    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out))
+    """The validation images as ``hemcap eval`` gives them to the model (in the training images' colours)."""
+    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out), _stain_normaliser(backend))
     columns = {name: split[name] for name in schema.field_names}
     references, ids = split["captions"], split["id"]
     return ValSet(pixels, [ids[r] for r in rows], [list(references[r]) for r in rows],
                   [{name: columns[name][r] for name in schema.field_names} for r in rows])
+
+
+def _stain_normaliser(backend: models.Backend):
+    """The model's stain normalisation (``hemcap.domain``) as a decode transform; None when it has none."""
+    from hemcap.domain import Domain
+
+    domain = Domain.from_info(backend.info)
+    return domain.normaliser() if domain is not None and domain.normalises else None
 
 
 def _cache_dir(cfg: RunConfig, out: Path) -> Path:

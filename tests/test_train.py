@@ -322,12 +322,17 @@ def test_a_folder_without_model_info_fails_with_one_sentence(tmp_path, capsys):
     assert "hemcap_model.json" in error
 
 
-def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path):
+@pytest.mark.parametrize("stain_norm", ["none", "anchors"])
+def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path, stain_norm):
     from hemcap.cli import main
 
     out = tmp_path / "run"
-    fit(tiny_blip(data, out, max_steps=4, save_every=None))
-    validation = read_model_info(out / "model").training["metrics"]
+    cfg = tiny_blip(data, out, max_steps=4, save_every=None)
+    cfg.data.stain_norm = stain_norm
+    fit(cfg)
+    info = read_model_info(out / "model")
+    validation = info.training["metrics"]
+    assert info.colour["normalisation"] == stain_norm and info.magnification["field_px"] == 32  # the domain it saw
     assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
@@ -336,3 +341,7 @@ def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path):
     assert validation["cell_type_accuracy"] == faith["fields"]["cell_type"]["accuracy"]
     assert validation["cider"] == metrics["caption"]["cider_d"]
     assert validation["bleu_4"] == metrics["caption"]["bleu_4"]
+    assert metrics["meta"]["stain_norm"] == ("off" if stain_norm == "none" else stain_norm)
+    assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--split", "validation",
+                 "--out", str(tmp_path / "raw"), "--no-meteor", "--no-stain-norm"]) == 0
+    assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["meta"]["stain_norm"] == "off"

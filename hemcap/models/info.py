@@ -54,9 +54,9 @@ class ModelInfo:
     training: dict = field(default_factory=dict)
     """Training summary: steps, best_step, minutes, data (recipe, images), validation metrics, config."""
     magnification: dict | None = None
-    """Scale of the training images (e.g. red-cell diameter and field of view in pixels)."""
+    """Training images' red-cell diameter and field of view in pixels (``hemcap.domain``): crops at inference."""
     colour: dict | None = None
-    """Colour statistics of the training images, for stain normalisation at inference."""
+    """Training images' CIELAB statistics and the stain normalisation used (``hemcap.domain``)."""
     test_metrics: dict | None = None
     """Headline figures on a held-out test split, once measured."""
     version: int = INFO_VERSION

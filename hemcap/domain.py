@@ -1,0 +1,258 @@
+"""The training domain a captioner records, and what inference does with it.
+
+At training (``hemcap.train``) the first ``SAMPLE`` training images are measured
+(``measure_domain``): their red-cell diameter and field of view in pixels (the model's
+magnification) and their CIELAB colour statistics (its stain). ``ModelInfo.magnification`` and
+``ModelInfo.colour`` keep them; ``Domain.from_info`` reads them back. At inference:
+
+- ``field_side``: a smear's cells are cropped over the field the model saw, at the smear's own
+  magnification (training field x the smear's red cells / the training red cells), so a
+  lymphocyte stays small next to its red cells whatever the microscope and camera;
+- ``normalise_stain``: each crop's colours are moved to the training images' (Reinhard et al.'s
+  transfer in CIELAB, 2001), on by default, ``--no-stain-norm`` turns it off;
+- ``domain_shift``: how far a smear sits from the training images, in colour, in magnification
+  (how much its cells are enlarged to the model's) and in caption confidence, and the warning
+  when any of the three passes the limit chosen on the dev looks (``BENCHMARKS.md``).
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+SAMPLE = 40  # training images measured: medians move < 1 Lab unit and < 1 % in red-cell size beyond ~30
+WARNING = "this smear looks unlike the training data; check every caption"
+
+
+NORMALISATIONS = ("none", "reinhard", "anchors")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """What a captioner's training images looked like: magnification and colour."""
+
+    red_cell_px: float | None = None  # median red-cell diameter in training-image pixels; None: not measured
+    field_px: float | None = None  # side of a training image in pixels (geometric mean of width and height)
+    lab_mean: tuple[float, float, float] | None = None  # CIELAB means, median over the images
+    lab_std: tuple[float, float, float] | None = None  # CIELAB spreads within an image, median over the images
+    lab_spread: tuple[float, float, float] | None = None  # spread of the images' CIELAB means around ``lab_mean``
+    background: tuple[float, float, float] | None = None  # CIELAB of the slide background, median over the images
+    red_cells: tuple[float, float, float] | None = None  # CIELAB of the red cells, likewise
+    normalisation: str = "none"  # how an image is given the training colours: one of NORMALISATIONS
+
+    @classmethod
+    def from_info(cls, info) -> "Domain | None":
+        """The domain a ``ModelInfo`` records; None for a model trained before hemcap recorded it."""
+        magnification, colour = info.magnification or {}, info.colour or {}
+        if not magnification and not colour:
+            return None
+        return cls(magnification.get("red_cell_px"), magnification.get("field_px"),
+                   *(_triple(colour.get(k)) for k in ("lab_mean", "lab_std", "lab_spread", "background", "red_cells")),
+                   colour.get("normalisation", "none"))
+
+    def info_fields(self, images: int) -> tuple[dict, dict]:
+        """``(magnification, colour)`` as ``ModelInfo`` keeps them."""
+        magnification = {"red_cell_px": self.red_cell_px, "field_px": self.field_px, "images": images,
+                         "red_cells_by": "hemcap.smear.magnification.estimate_red_cell_px"}
+        colour = {"lab_mean": self.lab_mean, "lab_std": self.lab_std, "lab_spread": self.lab_spread,
+                  "background": self.background, "red_cells": self.red_cells, "images": images,
+                  "normalisation": self.normalisation}
+        return magnification, colour
+
+    @property
+    def normalises(self) -> bool:
+        return self.normalisation != "none" and self.lab_mean is not None
+
+    def normaliser(self) -> "StainNormaliser":
+        return StainNormaliser(self)
+
+
+def _triple(values) -> tuple[float, float, float] | None:
+    return None if values is None else tuple(float(v) for v in values)
+
+
+def measure_domain(images: Sequence[Image.Image], normalisation: str = "none") -> Domain:
+    """The domain of a model's training images (the first ``SAMPLE`` are enough)."""
+    from hemcap.smear.magnification import estimate_red_cell_px
+
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"stain normalisation must be one of {', '.join(NORMALISATIONS)}, not {normalisation!r}")
+    images = [image.convert("RGB") for image in images[:SAMPLE]]
+    if not images:
+        raise ValueError("measure_domain: no training images")
+    stats = [colour_statistics(image) for image in images]
+    sizes = [size.px for image in images if (size := estimate_red_cell_px(image)).px]
+    means, stds, backgrounds = (np.stack([s[k] for s in stats]) for k in range(3))
+    reds = [s[3] for s in stats if s[3] is not None]
+    return Domain(_median(sizes), _median([(image.width * image.height) ** 0.5 for image in images]),
+                  _rounded(np.median(means, axis=0)), _rounded(np.median(stds, axis=0)),
+                  _rounded(np.maximum(np.std(means, axis=0), 1.0)),  # >= 1 Lab unit: a uniform set has no spread
+                  _rounded(np.median(backgrounds, axis=0)), _rounded(np.median(reds, axis=0)) if reds else None,
+                  normalisation)
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return round(float(statistics.median(values)), 2) if values else None
+
+
+def _rounded(values: np.ndarray) -> tuple[float, float, float]:
+    return tuple(round(float(v), 3) for v in values)
+
+
+def colour_statistics(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """CIELAB mean and spread of ``image``, and the median CIELAB of its background and of its red
+    cells (None when fewer than ``MIN_RED_PIXELS`` of them show), on a copy at most 256 px across."""
+    from skimage.color import rgb2lab
+
+    from hemcap.looks import THUMB_SIDE
+
+    small = image.convert("RGB")
+    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    rgb = np.asarray(small)
+    lab = rgb2lab(rgb)
+    background, red = _anchor_masks(rgb)
+    flat = lab.reshape(-1, 3)
+    reds = np.median(lab[red], axis=0) if red.sum() >= MIN_RED_PIXELS else None
+    return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-3), np.median(lab[background], axis=0), reds
+
+
+MIN_RED_PIXELS = 50  # ~ one red cell at 256 px
+
+
+def _anchor_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Background and red-cell pixels: cells are stained pixels (``cell_masks``), white cells those
+    holding a nucleus; the background is the rest, or the brightest quarter when cells fill the image."""
+    from scipy import ndimage as ndi
+
+    from hemcap.smear.magnification import cell_masks
+
+    cells, nuclei = cell_masks(rgb)
+    labels, _ = ndi.label(cells)
+    white = np.isin(labels, np.unique(labels[nuclei & cells])) & cells | nuclei
+    background = ~cells
+    if background.mean() < 0.05:
+        brightness = rgb.sum(axis=-1)
+        background = brightness >= np.quantile(brightness, 0.75)
+    return background, cells & ~white
+
+
+# ------------------------------------------------------------------------------ inference
+
+
+def field_side(domain: Domain | None, red_cell_px: float | None) -> float | None:
+    """Side in smear pixels of the field the model saw, at a smear whose red cells are ``red_cell_px``
+    across; None when either magnification is unknown (crops are then framed by each cell's box)."""
+    if domain is None or not domain.red_cell_px or not domain.field_px or not red_cell_px:
+        return None
+    return domain.field_px * red_cell_px / domain.red_cell_px
+
+
+ANCHOR_SCALE = (0.5, 2.0)  # a channel's contrast is changed at most this much (a pale or missing red-cell anchor)
+
+
+def normalise_stain(image: Image.Image, domain: Domain) -> Image.Image:
+    """``image`` in the training images' colours, as ``domain.normalisation`` says.
+
+    reinhard: each CIELAB channel's mean and spread moved to the training images' (Reinhard et
+    al. 2001). anchors: each CIELAB channel mapped linearly so the image's background and red
+    cells get the training images' colours (both are in every field, whatever the white cell:
+    Reinhard's statistics move with the cell type); background alone shifts when no red cell shows.
+    """
+    from hemcap.looks import transfer_colour
+
+    mean, std, background, red = colour_statistics(image)
+    if domain.normalisation == "reinhard":
+        return transfer_colour(image, mean, std, np.asarray(domain.lab_mean), np.asarray(domain.lab_std))
+    target_background = np.asarray(domain.background)
+    if red is None or domain.red_cells is None:
+        return transfer_colour(image, background, np.ones(3), target_background, np.ones(3))
+    own, target = red - background, np.asarray(domain.red_cells) - target_background
+    scale = np.clip(target / np.where(np.abs(own) < 1e-3, 1e-3, own), *ANCHOR_SCALE)
+    return transfer_colour(image, background, 1 / scale, target_background, np.ones(3))
+
+
+@dataclass(frozen=True)
+class StainNormaliser:
+    """``normalise_stain`` for a domain, as a transform with a ``key`` (for caches of normalised pixels)."""
+
+    domain: Domain
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        return normalise_stain(image, self.domain) if self.domain.normalises else image
+
+    @property
+    def key(self) -> str:
+        d = self.domain
+        return f"{d.normalisation}:{d.lab_mean}{d.lab_std}{d.background}{d.red_cells}" if d.normalises else ""
+
+
+def colour_distance(image: Image.Image, domain: Domain) -> float:
+    """How far ``image``'s CIELAB means sit from the training images', in training spreads
+    (root mean square over L, a and b; 1 = a typical training image)."""
+    from hemcap.looks import lab_statistics
+
+    mean = lab_statistics(image)[0]
+    z = (mean - np.asarray(domain.lab_mean)) / np.asarray(domain.lab_spread)
+    return float(np.sqrt(np.mean(z**2)))
+
+
+# ------------------------------------------------------------------------------ domain shift
+
+# Limits chosen on the dev looks (BENCHMARKS.md, "Domain-shift warning"): 99 % of in-domain PBC
+# validation cells stay under each, the looks where accuracy drops most pass them.
+COLOUR_LIMIT = 3.0  # training spreads
+UPSCALE_LIMIT = 1.5  # a smear's cells enlarged more than this lose the detail the model learnt from
+CONFIDENCE_LIMIT = 0.6  # mean caption confidence of the smear's cells
+
+
+@dataclass
+class DomainShift:
+    """How far one smear (or cell image) sits from a captioner's training images."""
+
+    colour: float | None  # median colour distance of its cell crops (training spreads)
+    upscale: float | None  # training red-cell size / its own (> 1: its cells are enlarged to the model's)
+    confidence: float | None  # mean caption confidence of its cells
+    score: float  # the largest of the three over its limit: >= 1 warns
+    warning: str | None  # ``WARNING`` when score >= 1, else None
+    reasons: list[str]  # which measures passed their limits, in words
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def domain_shift(colours: Sequence[float], upscale: float | None, confidences: Sequence[float],
+                 unknown_magnification: bool = False) -> DomainShift:
+    """The shift of a smear from its crops' colour distances, how much its fields are enlarged to the
+    model's input, and its cells' caption confidences. A smear whose magnification is a guess warns."""
+    colour = float(statistics.median(colours)) if colours else None
+    confidence = float(statistics.fmean(confidences)) if confidences else None
+    ratios = {"colour": (colour or 0) / COLOUR_LIMIT, "magnification": (upscale or 0) / UPSCALE_LIMIT,
+              "confidence": (1 - confidence) / (1 - CONFIDENCE_LIMIT) if confidence is not None else 0.0}
+    reasons = [_reason(name, colour, upscale, confidence) for name, ratio in ratios.items() if ratio >= 1]
+    if unknown_magnification and colours:
+        reasons.append("its magnification could not be measured (no red cells found)")
+    score = round(max(ratios.values()), 3)
+    return DomainShift(_round(colour), _round(upscale), _round(confidence), score, WARNING if reasons else None,
+                       reasons)
+
+
+def _reason(name: str, colour, upscale, confidence) -> str:
+    if name == "colour":
+        return f"its colours are {colour:.1f} training spreads away (limit {COLOUR_LIMIT:g})"
+    if name == "magnification":
+        return f"its cells are enlarged {upscale:.2f}x to the model's input (limit {UPSCALE_LIMIT:g}x)"
+    return f"mean caption confidence {confidence:.2f} (limit {CONFIDENCE_LIMIT:g})"
+
+
+def mean_confidence(confidences: dict) -> float | None:
+    """A caption's mean attribute confidence (unstated attributes count 0); None without attributes."""
+    values = [value or 0.0 for value in confidences.values()]
+    return float(statistics.fmean(values)) if values else None
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
