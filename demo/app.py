@@ -170,6 +170,8 @@ def status_markdown(result: Review) -> str:
             head += (". If this image holds white cells, check the red-cell diameter against its magnification, "
                      "or choose *One cell* for a single-cell crop")
     lines = [f"{head} · analysed in {result.seconds:.1f} s"]
+    if report.warning:  # above the notes: the one line a reader must not miss
+        lines.append(f"**⚠ {html.escape(report.warning)}.**")
     return "\n\n".join(lines + [f"*Note: {html.escape(note)}*" for note in report.notes])
 
 

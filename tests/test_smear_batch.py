@@ -57,7 +57,7 @@ def test_caption_command_on_synthetic_smears(model_dir, smears, tmp_path, capsys
     truth = true_counts(smears)
     for stem, n_true in truth.items():
         report = json.loads((out / f"{stem}.json").read_text())
-        assert set(report) == REPORT_KEYS | {"red_cells"}
+        assert set(report) == REPORT_KEYS | {"red_cells", "domain"}
         assert abs(len(report["cells"]) - n_true) <= 1, f"{stem}: {len(report['cells'])} cells found, {n_true} drawn"
         assert report["kind"] == "smear" and (report["width"], report["height"]) == (640, 480)
         assert sum(row["count"] for row in report["differential"].values()) == len(report["cells"])

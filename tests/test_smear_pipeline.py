@@ -5,10 +5,12 @@ noise, so these tests check the pipeline's mechanics (cells found, crops, flags)
 captions say. Synthetic smears carry the true cell boxes.
 """
 
+import dataclasses
+
 import pytest
 from PIL import Image
 
-from hemcap.engine import Caption
+from hemcap.engine import Caption, CaptionEngine
 from hemcap.smear import (CellReport, Detection, SmearPipeline, SmearReport, StainDetector, StainDetectorConfig,
                           YoloPredictions, describe_red_cells, looks_like_cell)
 from hemcap.synthetic import draw_smear, make_cells
@@ -110,3 +112,81 @@ def test_report_records_the_red_cell_size_used_and_where_it_came_from(engine):
     blank = SmearPipeline(engine, StainDetector()).run(Image.new("RGB", (640, 480), (235, 230, 228)), "blank.png")
     assert blank.red_cells["origin"] == "default" and any("red-cell size" in note for note in blank.notes)
     assert SmearReport.from_dict(given.to_dict()).red_cells == given.red_cells
+
+
+# ------------------------------------------------------------------------------ the captioner's training domain
+
+
+@pytest.fixture(scope="module")
+def domain_engine(model_dir, tmp_path_factory):
+    """The tiny captioner as if trained on 240 px fields with 60 px red cells (the synthetic smears')."""
+    import shutil
+
+    from hemcap.domain import measure_domain
+    from hemcap.engine import CaptionEngine
+    from hemcap.models.info import read_model_info, write_model_info
+
+    folder = tmp_path_factory.mktemp("domain") / "model"
+    shutil.copytree(model_dir, folder)
+    domain = dataclasses.replace(measure_domain([draw_smear(s, size=(240, 240))[0] for s in range(3)], "anchors"),
+                                 red_cell_px=60.0, field_px=240.0)
+    info = read_model_info(folder)
+    info.magnification, info.colour = domain.info_fields(3)
+    write_model_info(folder, info)
+    return CaptionEngine.from_dir(folder, max_new_tokens=6)
+
+
+class TrueBoxes:
+    """A detector that returns the smear's true white-cell boxes, scaled with the image."""
+
+    def __init__(self, boxes, scale=1.0):
+        self.boxes = [Detection(tuple(v * scale for v in box), 1.0) for box in boxes]
+
+    def __call__(self, image, path=None, red_cell_px=None):
+        return list(self.boxes)
+
+
+def test_cells_are_cropped_over_the_training_field_at_the_smears_magnification(domain_engine):
+    import numpy as np
+
+    image, cells = draw_smear(1)
+    boxes = [cell["box"] for cell in cells]
+    larger = image.resize((960, 720), Image.BICUBIC)  # the same smear at 1.5x the magnification
+    native = SmearPipeline(domain_engine, TrueBoxes(boxes), red_cell_px=60).run(image, "smear.png")
+    zoomed = SmearPipeline(domain_engine, TrueBoxes(boxes, 1.5), red_cell_px=90).run(larger, "zoomed.png")
+    assert native.domain["field_px"] == 240 and zoomed.domain["field_px"] == 360
+    assert native.domain["stain_norm"] == "anchors"
+    for a, b in zip(native.cells, zoomed.cells):  # the same field of view, whatever the magnification
+        assert np.abs(np.asarray(a.crop, float) - np.asarray(b.crop, float)).mean() < 6
+    raw = CaptionEngine(domain_engine.backend, settings=dataclasses.replace(domain_engine.settings, stain_norm=False))
+    assert SmearPipeline(raw, TrueBoxes(boxes), red_cell_px=60).run(image, "smear.png").domain["stain_norm"] == "off"
+
+
+def test_a_smear_of_unknown_magnification_is_cropped_by_its_boxes_and_warned(domain_engine):
+    blank = Image.new("RGB", (320, 240), (235, 230, 228))
+    report = SmearPipeline(domain_engine, TrueBoxes([(100, 60, 160, 120)])).run(blank, "blank.png")
+    assert report.red_cells["origin"] == "default" and report.domain["field_px"] is None
+    assert any("framed by each cell's box" in note for note in report.notes)
+    assert report.warning and "magnification could not be measured" in report.warning
+    assert SmearReport.from_dict(report.to_dict()).warning == report.warning
+
+
+def test_another_labs_colours_are_warned(domain_engine):
+    from hemcap.looks import Look, restyle
+
+    image, cells = draw_smear(2)
+    boxes = [cell["box"] for cell in cells]
+    own = SmearPipeline(domain_engine, TrueBoxes(boxes), red_cell_px=60).run(image, "own.png")
+    blue = restyle(image, Look("blue lab", (60.0, -5.0, -25.0), (20.0, 6.0, 9.0)))
+    other = SmearPipeline(domain_engine, TrueBoxes(boxes), red_cell_px=60).run(blue, "blue.png")
+    assert own.domain["shift"]["colour"] < 3 < other.domain["shift"]["colour"]
+    assert "training spreads away" in other.warning and not any("spreads" in r for r in own.domain["shift"]["reasons"])
+
+
+def test_a_cell_image_says_which_magnification_it_was_taken_at(domain_engine):
+    pipeline = SmearPipeline(domain_engine, StainDetector(SYNTHETIC))
+    image, _ = draw_smear(3, size=(240, 240))
+    measured = pipeline.run_cell(image, "cell.png")
+    assert any("cropped to the training field" in note for note in measured.notes)
+    bare = pipeline.run_cell(Image.new("RGB", (96, 96), (235, 230, 228)), "bare.png")
+    assert any("taken to be at the training magnification" in note for note in bare.notes)

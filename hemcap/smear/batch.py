@@ -267,16 +267,17 @@ class CaptionTask(Task):
             total.update(row["counts"])
         order = [*self.pipeline.cell_types, UNCLASSIFIED]
         return {**summary, "reports": len(rows), "cells": sum(total.values()),
-                "flagged_cells": sum(row["flagged"] for row in rows), "differential": counts_table(total, order)}
+                "flagged_cells": sum(row["flagged"] for row in rows), "differential": counts_table(total, order),
+                "unlike_training": sum(bool(row.get("warning")) for row in rows)}
 
     def write(self, summary: dict) -> None:
         write_json(self.out_dir / "summary.json", summary)
 
 
 def report_row(report: SmearReport, stem: str) -> dict:
-    """A report's row in the summary: its file, kind, cell counts, flagged cells and notes."""
+    """A report's row in the summary: its file, kind, cell counts, flagged cells, notes and domain warning."""
     return {"report": f"{stem}.json", "kind": report.kind, "cells": len(report.cells), "counts": report.counts(),
-            "flagged": len(report.flagged), "notes": list(report.notes)}
+            "flagged": len(report.flagged), "notes": list(report.notes), "warning": report.warning}
 
 
 def process_images(paths: Iterable[str | Path], out_dir: str | Path, pipeline: SmearPipeline, *, kind: str = "auto",
@@ -321,10 +322,14 @@ def summary_lines(summary: dict, out_dir: str | Path, width: int = 28) -> list[s
                      f"{row['flagged']:>7}  {counts}")
         if row["kind"] == "cell":
             lines += _cell_lines(read_report(Path(out_dir) / row["report"]))
+        if row.get("warning"):
+            lines.append(f"    warning: {row['warning']}")
     total = ", ".join(f"{name} {r['count']} ({r['percent']}%)" for name, r in summary["differential"].items()
                       if r["count"]) or "none"
     lines.append(f"{summary['reports']} of {summary['images']} images reported ({summary['reused']} from an earlier "
                  f"run), {summary['cells']} cells, {summary['flagged_cells']} flagged: {total}")
+    if summary.get("unlike_training"):
+        lines.append(f"{summary['unlike_training']} images look unlike the model's training data: check every caption")
     lines += [f"  {p['file']}: {p['error']}" for p in summary["problems"] if "error" in p]
     lines.append(f"wrote {Path(out_dir) / 'summary.json'} (its 'problems' lists every skipped file and conversion)")
     return lines

@@ -414,16 +414,22 @@ def _widened_box(box: Box, side: float, size: tuple[int, int]) -> Box:
 # ------------------------------------------------------------------------------ crops
 
 
+FIELD_MARGIN = 0.05  # a cell larger than the field still gets this much of its surroundings
+
+
 def crop_cells(image: ImageLike, detections: Iterable[Detection], size: int | None = 384,
-               margin: float = 0.6) -> list[Image.Image]:
-    """One square RGB crop per detection, centred on its box, ``margin`` of the box's longer side
-    added on each side, resized to ``size`` (the captioner's input side; None keeps the pixels).
-    Parts beyond the image border are filled with the slide background colour.
+               margin: float = 0.6, field: float | None = None) -> list[Image.Image]:
+    """One square RGB crop per detection, centred on its box, resized to ``size`` (the captioner's
+    input side; None keeps the pixels). Parts beyond the image border are filled with the slide
+    background colour.
 
-    The default margin frames the cell as the PBC images the captioners learn from do: the cell
-    spans ~45% of the crop (PBC: ~140 of 360 px), neighbouring red cells around it.
+    With ``field`` (pixels; ``hemcap.domain.field_side``) each crop is that field of view, the one
+    the captioner was trained on at this smear's magnification, so a cell's size shows against
+    its surroundings as in training. Without, ``margin`` of the box's longer side is added on each
+    side: the cell then spans ~45% of the crop (PBC: ~140 of 360 px), whatever its real size.
     """
-
     picture = as_pil_rgb(image)
     fill = background_colour(picture)
+    if field:
+        return [square_crop(picture, d.box, FIELD_MARGIN, size, fill, min_side=field) for d in detections]
     return [square_crop(picture, d.box, margin, size, fill) for d in detections]

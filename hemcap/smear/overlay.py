@@ -1,5 +1,6 @@
 """The overlay a reviewer looks at: the image with each cell's numbered box coloured by its cell
-type, flagged cells framed in yellow, and the differential along the bottom edge."""
+type, flagged cells framed in yellow, the differential along the bottom edge, and a red banner
+along the top when the image looks unlike the captioner's training data (``hemcap.domain``)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ PALETTE = [(0, 114, 178), (0, 158, 115), (213, 94, 0), (204, 121, 167), (86, 180
            (0, 0, 0), (120, 60, 160)]
 UNCLASSIFIED_COLOUR = (110, 110, 110)
 FLAG_COLOUR = (255, 214, 0)
+WARNING_COLOUR = (200, 30, 30)
+WARNING_TEXT = "Looks unlike the training data: check every caption"  # the report holds the reasons
 
 
 def draw_overlay(image: Image.Image, report: SmearReport) -> Image.Image:
@@ -39,6 +42,8 @@ def draw_overlay(image: Image.Image, report: SmearReport) -> Image.Image:
         draw.rectangle(box, outline=colour, width=line)
         _label(draw, f"{cell.index} {cell_type}", box, colour, font, canvas.size, cell.box is None, bool(cell.flags))
     _footer(canvas, report, font)
+    if report.warning:
+        _banner(canvas, WARNING_TEXT, font)
     return canvas
 
 
@@ -69,6 +74,16 @@ def _label(draw, text: str, box, colour, font, size: tuple[int, int], inside: bo
         draw.rectangle((x, y, x + width, y + height), fill=fill)
         draw.text((x + 4 - left, y + 2 - top), tab, fill=(0, 0, 0) if sum(fill) > 450 else (255, 255, 255), font=font)
         x += width
+
+
+def _banner(canvas: Image.Image, text: str, font) -> None:
+    """``text`` in white on a red strip along the top edge."""
+    from PIL import ImageDraw
+
+    draw = ImageDraw.Draw(canvas)
+    left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    draw.rectangle((0, 0, min(canvas.width, right - left + 8), bottom - top + 6), fill=WARNING_COLOUR)
+    draw.text((4 - left, 3 - top), text, fill=(255, 255, 255), font=font)
 
 
 def _footer(canvas: Image.Image, report: SmearReport, font) -> None:

@@ -35,6 +35,7 @@ from typing import Sequence
 
 from PIL import Image
 
+from hemcap.domain import colour_distance, domain_shift, field_side, mean_confidence
 from hemcap.images import square_crop
 from hemcap.smear.detect import Detection, Detector, StainDetector, as_pil_rgb, crop_cells, find_cells
 from hemcap.smear.magnification import RedCellSize, measure_red_cells
@@ -47,6 +48,8 @@ CENTRED_CELL_SPAN = 0.30  # rule 3: box side / image side ...
 CENTRE_TOLERANCE = 0.15  # ... box centre's offset from the image centre, share of the side
 OTHER_CELL_SCORE = 0.5  # ... and no other whole cell scoring this much (PBC crop fragments: 0.05-0.12)
 DEFAULT_CROP_SIZE = 384  # BLIP-base's input side, for an engine that does not say its own
+BOX_CROPS = ("crops framed by each cell's box: the smear's magnification is a guess, so cell sizes are too "
+             "(give --red-cell-px)")
 
 
 class SmearPipeline:
@@ -71,6 +74,7 @@ class SmearPipeline:
         self.margin = margin
         self.min_confidence = min_confidence
         self.red_cell_px = red_cell_px  # None: measured on each image
+        self.domain = getattr(engine, "domain", None)  # the captioner's training magnification and colour
         schema = engine.schema
         self.cell_type_field = schema.cell_type_field if schema.targets else None
         self.cell_types = schema.values(self.cell_type_field) if self.cell_type_field else ()
@@ -112,17 +116,53 @@ class SmearPipeline:
         return find_cells(self.detector, image, name or None, notes, self.red_cell_px)
 
     def _whole_image(self, image: Image.Image, name: str, red_cells: RedCellSize, notes: list[str]) -> SmearReport:
-        crop = square_crop(image, (0, 0, image.width, image.height), 0.0, self.crop_size)
+        """The image as one cell: the training field about its centre when its red cells are measured or
+        given, else the whole image, taken to be at the training magnification (notes say which)."""
+        field = self._field(red_cells)
+        if self.domain is not None and self.domain.red_cell_px:
+            notes.append(f"cell image cropped to the training field ({field:.0f} px) at its red cells' size"
+                         if field else "no red cells measured on this cell image: taken to be at the training "
+                                       "magnification")
+        box = (0, 0, image.width, image.height)
+        if field:
+            box = (image.width / 2 - field / 2, image.height / 2 - field / 2, image.width / 2 + field / 2,
+                   image.height / 2 + field / 2)
+        crop = square_crop(image, box, 0.0, self.crop_size)
         (caption,) = self.engine.caption([crop])
-        return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell", red_cells)
+        return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell", red_cells,
+                            self._domain_report([crop], [caption], field))
 
     def _smear(self, image: Image.Image, name: str, detections: list[Detection], red_cells: RedCellSize,
                notes: list[str]) -> SmearReport:
-        crops = crop_cells(image, detections, self.crop_size, self.margin)
+        field = self._field(red_cells)
+        if not field and detections and self.domain is not None and self.domain.red_cell_px:
+            notes.append(BOX_CROPS)
+        crops = crop_cells(image, detections, self.crop_size, self.margin, field)
         captions = self.engine.caption(crops)
         cells = [self._cell(number, detection, caption, crop)
                  for number, (detection, caption, crop) in enumerate(zip(detections, captions, crops), 1)]
-        return self._report(name, image.size, cells, notes, "smear", red_cells)
+        return self._report(name, image.size, cells, notes, "smear", red_cells,
+                            self._domain_report(crops, captions, field, red_cells.origin == "default"))
+
+    def _field(self, red_cells: RedCellSize) -> float | None:
+        """The training field of view in this image's pixels; None when its magnification is a guess."""
+        return field_side(self.domain, red_cells.px) if red_cells.origin != "default" else None
+
+    def _domain_report(self, crops: list[Image.Image], captions, field: float | None,
+                       unknown_magnification: bool = False) -> dict | None:
+        """How the image met the captioner's training domain: the field cropped, the stain normalisation,
+        and its domain shift (``hemcap.domain``); None for a model that does not record its domain."""
+        if self.domain is None:
+            return None
+        colours = [colour_distance(crop, self.domain) for crop in crops] if self.domain.lab_mean else []
+        upscale = self.crop_size / field if field else None
+        confidences = [mean_confidence(caption.confidences) for caption in captions]
+        shift = domain_shift(colours, upscale, [c for c in confidences if c is not None], unknown_magnification)
+        return {"field_px": round(field, 1) if field else None, "stain_norm": self._stain_norm(),
+                "shift": shift.as_dict()}
+
+    def _stain_norm(self) -> str:
+        return self.domain.normalisation if getattr(self.engine, "normalises_stain", False) else "off"
 
     def _cell(self, index: int, detection: Detection | None, caption, crop: Image.Image) -> CellReport:
         confidences = {k: None if v is None else round(float(v), 4) for k, v in caption.confidences.items()}
@@ -134,11 +174,11 @@ class SmearPipeline:
                           flags, crop)
 
     def _report(self, name: str, size: tuple[int, int], cells: list[CellReport], notes: list[str],
-                kind: str, red_cells: RedCellSize | None = None) -> SmearReport:
+                kind: str, red_cells: RedCellSize | None = None, domain: dict | None = None) -> SmearReport:
         table = differential(cells, self.cell_types, self.cell_type_field)
         flagged = [cell.index for cell in cells if cell.flags]
         return SmearReport(str(name), int(size[0]), int(size[1]), cells, table, flagged, notes, kind,
-                           red_cells.as_dict() if red_cells else None)
+                           red_cells.as_dict() if red_cells else None, domain)
 
 
 def engine_input_size(engine) -> int:

@@ -63,10 +63,11 @@ class SmearReport:
     notes: list[str]  # conversions done on the image, detector remarks
     kind: str = "smear"  # smear: cells were detected; cell: the image was captioned as one cell
     red_cells: dict | None = None  # the red-cell size used: px, origin (estimated/given/default), confidence, ...
+    domain: dict | None = None  # field cropped, stain normalisation, domain shift and warning (hemcap.domain)
 
     def to_dict(self) -> dict:
         return {"image": self.image, "width": self.width, "height": self.height, "kind": self.kind,
-                "red_cells": self.red_cells, "cells": [cell.to_dict() for cell in self.cells],
+                "red_cells": self.red_cells, "domain": self.domain, "cells": [cell.to_dict() for cell in self.cells],
                 "differential": self.differential, "flagged": list(self.flagged), "notes": list(self.notes)}
 
     @classmethod
@@ -76,7 +77,13 @@ class SmearReport:
             raise ValueError(f"not a smear report: keys {sorted(missing)} missing")
         return cls(data["image"], data["width"], data["height"], [CellReport.from_dict(c) for c in data["cells"]],
                    data["differential"], list(data["flagged"]), list(data["notes"]), data["kind"],
-                   data.get("red_cells"))  # reports written before red cells were measured have none
+                   data.get("red_cells"), data.get("domain"))  # older reports have neither
+
+    @property
+    def warning(self) -> str | None:
+        """The domain-shift warning with its reasons, when the image looks unlike the training data."""
+        shift = (self.domain or {}).get("shift") or {}
+        return f"{shift['warning']}: {'; '.join(shift['reasons'])}" if shift.get("warning") else None
 
     def counts(self) -> dict[str, int]:
         """Cell type -> count, only the types present."""
