@@ -114,7 +114,7 @@ def colour_statistics(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.nd
     small.thumbnail((THUMB_SIDE, THUMB_SIDE))
     rgb = np.asarray(small)
     lab = rgb2lab(rgb)
-    background, red = _anchor_masks(rgb)
+    background, red, _ = anchor_masks(rgb)
     flat = lab.reshape(-1, 3)
     reds = np.median(lab[red], axis=0) if red.sum() >= MIN_RED_PIXELS else None
     return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-3), np.median(lab[background], axis=0), reds
@@ -123,9 +123,9 @@ def colour_statistics(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.nd
 MIN_RED_PIXELS = 50  # ~ one red cell at 256 px
 
 
-def _anchor_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Background and red-cell pixels: cells are stained pixels (``cell_masks``), white cells those
-    holding a nucleus; the background is the rest, or the brightest quarter when cells fill the image."""
+def anchor_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Background, red-cell and nucleus pixels: cells are stained pixels (``cell_masks``), white cells
+    those holding a nucleus; the background is the rest, or the brightest quarter when cells fill the image."""
     from scipy import ndimage as ndi
 
     from hemcap.smear.magnification import cell_masks
@@ -137,7 +137,7 @@ def _anchor_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     if background.mean() < 0.05:
         brightness = rgb.sum(axis=-1)
         background = brightness >= np.quantile(brightness, 0.75)
-    return background, cells & ~white
+    return background, cells & ~white, nuclei
 
 
 # ------------------------------------------------------------------------------ inference

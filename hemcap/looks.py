@@ -62,6 +62,11 @@ class Look:
     # median sharpness of its images at one physical scale (``sharpness``: the share of their detail
     # energy that is finest; PBC ~0.14, BCCD ~0.07); None: not measured (no red-cell size, older looks)
     sharpness: float | None = None
+    # the stain: median background colour (RGB) and optical densities of red cells and of white-cell
+    # nuclei against it (``stain_anchors``); None: not measured (older looks: Reinhard's transfer only)
+    background_rgb: tuple[float, float, float] | None = None
+    red_cell_od: tuple[float, float, float] | None = None
+    nucleus_od: tuple[float, float, float] | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -90,7 +95,28 @@ def measure_look(folder: str | Path, name: str | None = None, limit: int = LOOK_
     sizes = [size.px for image in images if (size := estimate_red_cell_px(image)).px]
     red_cell_px = statistics.median(sizes) if sizes else None
     return Look(name or Path(folder).name, _median_triple([m for m, _ in stats]), _median_triple([s for _, s in stats]),
-                red_cell_px, _look_sharpness(images, red_cell_px))
+                red_cell_px, _look_sharpness(images, red_cell_px), *_look_stain(images))
+
+
+def stain_anchors(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """An image's background colour (RGB) and the median optical densities (``ln(background / I)``
+    per channel) of its red cells and of its white-cell nuclei; None where fewer than 50 pixels show."""
+    from hemcap.domain import MIN_RED_PIXELS, anchor_masks
+
+    small = image.convert("RGB")
+    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    rgb = np.asarray(small)
+    background, red, nuclei = anchor_masks(rgb)
+    colour = np.median(rgb[background].astype(np.float64), axis=0)
+    od = np.log(np.maximum(colour, 1)) - np.log(np.maximum(rgb.astype(np.float64), 1))
+    return colour, *(np.median(od[mask], axis=0) if mask.sum() >= MIN_RED_PIXELS else None for mask in (red, nuclei))
+
+
+def _look_stain(images: Sequence[Image.Image]) -> tuple:
+    """(background_rgb, red_cell_od, nucleus_od) of a look: medians over its images."""
+    anchors = [stain_anchors(image) for image in images]
+    return tuple(_median_triple(values) if (values := [a[k] for a in anchors if a[k] is not None]) else None
+                 for k in range(3))
 
 
 def _look_sharpness(images: Sequence[Image.Image], red_cell_px: float | None) -> float | None:
@@ -110,13 +136,32 @@ def restyle(image: Image.Image, look: Look, red_cell_px: float | None = None) ->
     red-cell size) is given and the look's red cells are smaller, its resolution too; and when the
     look has a sharpness below the image's, blurred to it (the image's red cells, when not given,
     are measured; an image without a measurable one is not blurred)."""
-    mean, std = lab_statistics(image)
-    styled = transfer_colour(image, mean, std, np.asarray(look.lab_mean), np.asarray(look.lab_std))
+    styled = _restained(image, look)
+    if styled is None:
+        mean, std = lab_statistics(image)
+        styled = transfer_colour(image, mean, std, np.asarray(look.lab_mean), np.asarray(look.lab_std))
     if look.red_cell_px and red_cell_px and look.red_cell_px < red_cell_px:
         styled = _resampled(styled, look.red_cell_px / red_cell_px)
     if look.sharpness:
         styled = _softened(styled, look.sharpness, red_cell_px or _red_cell_px(image))
     return styled
+
+
+def _restained(image: Image.Image, look: Look) -> Image.Image | None:
+    """``image`` under the look's stain and lamp: its optical densities mapped by the matrix closest to
+    the identity that takes its red cells' and nuclei's densities to the look's (Beer-Lambert: a stain
+    change mixes the channels' densities), lit by the look's background. None when either is missing."""
+    if look.nucleus_od is None or look.red_cell_od is None or look.background_rgb is None:
+        return None
+    background, red, nuclei = stain_anchors(image)
+    if red is None or nuclei is None:
+        return None
+    own, target = np.stack([red, nuclei], axis=1), np.stack([look.red_cell_od, look.nucleus_od], axis=1)
+    mixing = np.eye(3) + (target - own) @ np.linalg.pinv(own)
+    rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
+    od = np.log(np.maximum(background, 1)) - np.log(np.maximum(rgb, 1))
+    out = np.asarray(look.background_rgb) * np.exp(-(od @ mixing.T))
+    return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 
 def transfer_colour(image: Image.Image, mean: np.ndarray, std: np.ndarray, to_mean: np.ndarray,

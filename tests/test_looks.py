@@ -25,6 +25,7 @@ def test_a_look_is_measured_from_a_folder_of_smears(tmp_path):
     assert look.name == "synthetic" and 50 <= look.red_cell_px <= 70  # hemcap.synthetic red cells: ~57-62 px
     assert 60 < look.lab_mean[0] < 95 and all(s > 0 for s in look.lab_std)
     assert 0.05 < look.sharpness < 0.2  # hemcap.synthetic smears: ~0.11 (PBC's ~0.14, BCCD's ~0.07)
+    assert look.background_rgb[0] > 200 and look.nucleus_od[1] > look.red_cell_od[1] > 0  # the stain's anchors
     for seed in range(4):
         draw_smear(seed)[0].filter(ImageFilter.GaussianBlur(2)).save(tmp_path / f"{seed}.png")
     assert measure_look(tmp_path).sharpness < 0.5 * look.sharpness
@@ -86,3 +87,21 @@ def test_a_look_without_sharpness_restyles_as_before():
     assert np.array_equal(restyle(cell, old, red_cell_px=60.0), restyle(cell, never_blurred, red_cell_px=60.0))
     soft = Look("soft", mean, std, 30.0, sharpness=0.3 * sharpness(cell, 50.0))
     assert not np.array_equal(restyle(cell, old, red_cell_px=60.0), restyle(cell, soft, red_cell_px=60.0))
+
+
+def test_restyle_gives_the_looks_stain_red_cells_and_nuclei_alike():
+    import dataclasses
+
+    from hemcap.looks import stain_anchors
+
+    smear, _ = draw_smear(5, size=(320, 240))
+    background, red, nuclei = stain_anchors(smear)
+    assert red is not None and nuclei is not None and nuclei[1] > red[1]  # nuclei absorb more green than red cells
+    look = Look("other stain", (80.0, 5.0, 0.0), (15.0, 8.0, 8.0), background_rgb=(200.0, 205.0, 210.0),
+                red_cell_od=tuple(red * [0.6, 0.8, 1.2]), nucleus_od=tuple(nuclei * [1.3, 0.9, 0.7]))
+    got_background, got_red, got_nuclei = stain_anchors(restyle(smear, look))
+    assert np.allclose(got_background, look.background_rgb, atol=4)
+    assert np.allclose(got_red, look.red_cell_od, atol=0.04) and np.allclose(got_nuclei, look.nucleus_od, atol=0.08)
+    reinhard_only = dataclasses.replace(look, nucleus_od=None)  # a look measured before stains: Reinhard's transfer
+    mean, _ = lab_statistics(restyle(smear, reinhard_only))
+    assert np.allclose(mean, look.lab_mean, atol=2.0)
