@@ -1,10 +1,16 @@
 """Another lab's look, for measuring how a captioner copes with it: ``hemcap eval --look DIR``.
 
 A ``Look`` is what a folder of a lab's smears has in common that a cell crop can be given: its
-colour statistics (mean and spread of each CIELAB channel, the medians over its images), its
-red-cell diameter in pixels (its magnification; ``hemcap.smear.magnification``) and its sharpness.
-``restyle`` re-renders an image in a look: Reinhard et al.'s colour transfer (2001: each Lab
-channel shifted and scaled from the image's own statistics to the look's); when the look's red
+stain (background colour, optical densities of red cells and of white-cell nuclei), its colour
+statistics (mean and spread of each CIELAB channel, the medians over its images), its red-cell
+diameter in pixels (its magnification; ``hemcap.smear.magnification``) and its sharpness.
+``restyle`` re-renders an image in a look: its stain re-mixed (its optical densities mapped by the
+matrix closest to the identity that takes its red cells' and nuclei's densities to the look's,
+lit by the look's background; Reinhard et al.'s CIELAB transfer for looks measured before the
+stain was, or images without red cells or a nucleus). Red cells and nuclei move independently:
+a captioner whose input is normalised on background and red cells (``hemcap.domain``) still sees
+the look's nucleus colours, as on the lab's own smears (BCCD's and BCD's nuclei are bluer against
+their red cells than PBC's, Raabin-WBC's redder). When the look's red
 cells are smaller in pixels than the image's (a lower magnification), the resolution lost by
 shrinking to that magnification and enlarging back; and, when the look is softer than the image,
 a Gaussian blur that brings the image's sharpness down to the look's.
