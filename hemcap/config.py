@@ -191,7 +191,7 @@ class DataConfig(_Section):
     cache_dir: str | None = None
     """Where decoded, resized pixels are cached (default: <path>/.hemcap_cache)."""
     stain_norm: str = "none"
-    """Colours moved to the training images' for training, validation and captioning: none, reinhard, anchors."""
+    """Colours given the training images' for training, validation and captioning: none, reinhard, anchors, stain."""
 
     def problems(self) -> list[str]:
         from hemcap.domain import NORMALISATIONS

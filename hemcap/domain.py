@@ -28,7 +28,7 @@ SAMPLE = 40  # training images measured: medians move < 1 Lab unit and < 1 % in 
 WARNING = "this smear looks unlike the training data; check every caption"
 
 
-NORMALISATIONS = ("none", "reinhard", "anchors")
+NORMALISATIONS = ("none", "reinhard", "anchors", "stain")
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,9 @@ class Domain:
     background: tuple[float, float, float] | None = None  # CIELAB of the slide background, median over the images
     red_cells: tuple[float, float, float] | None = None  # CIELAB of the red cells, likewise
     normalisation: str = "none"  # how an image is given the training colours: one of NORMALISATIONS
+    background_rgb: tuple[float, float, float] | None = None  # RGB of the slide background, median
+    red_cell_od: tuple[float, float, float] | None = None  # red cells' optical density per channel, median
+    nucleus_od: tuple[float, float, float] | None = None  # white-cell nuclei's, likewise (``looks.stain_anchors``)
 
     @classmethod
     def from_info(cls, info) -> "Domain | None":
@@ -50,17 +53,15 @@ class Domain:
         magnification, colour = info.magnification or {}, info.colour or {}
         if not magnification and not colour:
             return None
+        colours = {k: _triple(colour.get(k)) for k in COLOUR_KEYS}
         return cls(magnification.get("red_cell_px"), magnification.get("field_px"),
-                   *(_triple(colour.get(k)) for k in ("lab_mean", "lab_std", "lab_spread", "background", "red_cells")),
-                   colour.get("normalisation", "none"))
+                   normalisation=colour.get("normalisation", "none"), **colours)
 
     def info_fields(self, images: int) -> tuple[dict, dict]:
         """``(magnification, colour)`` as ``ModelInfo`` keeps them."""
         magnification = {"red_cell_px": self.red_cell_px, "field_px": self.field_px, "images": images,
                          "red_cells_by": "hemcap.smear.magnification.estimate_red_cell_px"}
-        colour = {"lab_mean": self.lab_mean, "lab_std": self.lab_std, "lab_spread": self.lab_spread,
-                  "background": self.background, "red_cells": self.red_cells, "images": images,
-                  "normalisation": self.normalisation}
+        colour = {**{k: getattr(self, k) for k in COLOUR_KEYS}, "images": images, "normalisation": self.normalisation}
         return magnification, colour
 
     @property
@@ -71,12 +72,17 @@ class Domain:
         return StainNormaliser(self)
 
 
+COLOUR_KEYS = ("lab_mean", "lab_std", "lab_spread", "background", "red_cells", "background_rgb", "red_cell_od",
+               "nucleus_od")
+
+
 def _triple(values) -> tuple[float, float, float] | None:
     return None if values is None else tuple(float(v) for v in values)
 
 
 def measure_domain(images: Sequence[Image.Image], normalisation: str = "none") -> Domain:
     """The domain of a model's training images (the first ``SAMPLE`` are enough)."""
+    from hemcap.looks import stain_anchors
     from hemcap.smear.magnification import estimate_red_cell_px
 
     if normalisation not in NORMALISATIONS:
@@ -88,11 +94,16 @@ def measure_domain(images: Sequence[Image.Image], normalisation: str = "none") -
     sizes = [size.px for image in images if (size := estimate_red_cell_px(image)).px]
     means, stds, backgrounds = (np.stack([s[k] for s in stats]) for k in range(3))
     reds = [s[3] for s in stats if s[3] is not None]
+    stains = [stain_anchors(image) for image in images]
     return Domain(_median(sizes), _median([(image.width * image.height) ** 0.5 for image in images]),
                   _rounded(np.median(means, axis=0)), _rounded(np.median(stds, axis=0)),
                   _rounded(np.maximum(np.std(means, axis=0), 1.0)),  # >= 1 Lab unit: a uniform set has no spread
-                  _rounded(np.median(backgrounds, axis=0)), _rounded(np.median(reds, axis=0)) if reds else None,
-                  normalisation)
+                  _rounded(np.median(backgrounds, axis=0)), _median_of(reds), normalisation,
+                  *(_median_of([stain[k] for stain in stains if stain[k] is not None]) for k in range(3)))
+
+
+def _median_of(rows: Sequence[np.ndarray]) -> tuple[float, float, float] | None:
+    return _rounded(np.median(rows, axis=0)) if rows else None
 
 
 def _median(values: Sequence[float]) -> float | None:
@@ -161,9 +172,12 @@ def normalise_stain(image: Image.Image, domain: Domain) -> Image.Image:
     al. 2001). anchors: each CIELAB channel mapped linearly so the image's background and red
     cells get the training images' colours (both are in every field, whatever the white cell:
     Reinhard's statistics move with the cell type); background alone shifts when no red cell shows.
+    stain: red cells and nuclei both, by their optical densities (``_restained``).
     """
     from hemcap.looks import transfer_colour
 
+    if domain.normalisation == "stain":
+        return _restained(image, domain)
     mean, std, background, red = colour_statistics(image)
     if domain.normalisation == "reinhard":
         return transfer_colour(image, mean, std, np.asarray(domain.lab_mean), np.asarray(domain.lab_std))
@@ -173,6 +187,25 @@ def normalise_stain(image: Image.Image, domain: Domain) -> Image.Image:
     own, target = red - background, np.asarray(domain.red_cells) - target_background
     scale = np.clip(target / np.where(np.abs(own) < 1e-3, 1e-3, own), *ANCHOR_SCALE)
     return transfer_colour(image, background, 1 / scale, target_background, np.ones(3))
+
+
+def _restained(image: Image.Image, domain: Domain) -> Image.Image:
+    """stain: the image's optical densities re-mixed (``looks.remix_stain``) so that its red cells and
+    its nuclei get the training images' densities (hue and strength, as Macenko et al.'s
+    normalisation matches both stains' vectors and their 99th-percentile concentrations), lit by the
+    training background. Without a nucleus, red cells alone; without red cells, the background alone."""
+    from hemcap.looks import remix_stain, stain_anchors
+
+    background, red, nucleus = stain_anchors(image)
+    pairs = []
+    if red is not None and domain.red_cell_od is not None:
+        pairs.append((red, np.asarray(domain.red_cell_od)))
+    if nucleus is not None and domain.nucleus_od is not None and pairs:
+        pairs.append((nucleus, np.asarray(domain.nucleus_od)))
+    if not pairs:
+        pairs = [(np.ones(3), np.ones(3))]  # the identity mixing: only the lamp changes
+    return remix_stain(image, background, [own for own, _ in pairs], domain.background_rgb,
+                       [target for _, target in pairs])
 
 
 @dataclass(frozen=True)
@@ -187,7 +220,7 @@ class StainNormaliser:
     @property
     def key(self) -> str:
         d = self.domain
-        return f"{d.normalisation}:{d.lab_mean}{d.lab_std}{d.background}{d.red_cells}" if d.normalises else ""
+        return f"{d.normalisation}:{[getattr(d, k) for k in COLOUR_KEYS]}" if d.normalises else ""
 
 
 def colour_distance(image: Image.Image, domain: Domain) -> float:

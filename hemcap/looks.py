@@ -162,11 +162,18 @@ def _restained(image: Image.Image, look: Look) -> Image.Image | None:
     background, red, nuclei = stain_anchors(image)
     if red is None or nuclei is None:
         return None
-    own, target = np.stack([red, nuclei], axis=1), np.stack([look.red_cell_od, look.nucleus_od], axis=1)
+    return remix_stain(image, background, [red, nuclei], look.background_rgb, [look.red_cell_od, look.nucleus_od])
+
+
+def remix_stain(image: Image.Image, background, densities, to_background, to_densities) -> Image.Image:
+    """``image`` (lit by ``background``, RGB) with its optical densities mapped by the matrix closest to
+    the identity that takes each of ``densities`` (3-vectors: red cells, nuclei, ...) to the matching
+    one of ``to_densities``, lit by ``to_background``."""
+    own, target = np.stack(densities, axis=1), np.stack([np.asarray(d, float) for d in to_densities], axis=1)
     mixing = np.eye(3) + (target - own) @ np.linalg.pinv(own)
     rgb = np.asarray(image.convert("RGB"), dtype=np.float64)
     od = np.log(np.maximum(background, 1)) - np.log(np.maximum(rgb, 1))
-    out = np.asarray(look.background_rgb) * np.exp(-(od @ mixing.T))
+    out = np.asarray(to_background, float) * np.exp(-(od @ mixing.T))
     return Image.fromarray(np.clip(np.round(out), 0, 255).astype(np.uint8))
 
 

@@ -87,3 +87,16 @@ def test_the_domain_shift_warns_past_any_limit():
     guessed = domain_shift([0.5], None, [0.9], unknown_magnification=True)
     assert guessed.warning and "magnification could not be measured" in guessed.reasons[0]
     assert domain_shift([], None, []).warning is None  # nothing captioned: nothing to warn about
+
+
+def test_stain_normalisation_gives_red_cells_and_nuclei_the_training_densities():
+    from hemcap.looks import stain_anchors
+
+    smears = [draw_smear(seed, size=(320, 240))[0] for seed in range(3)]
+    domain = measure_domain(smears, "stain")
+    _, red, nuclei = stain_anchors(smears[0])
+    other = Look("other stain", (80.0, 5.0, 0.0), (15.0, 8.0, 8.0), background_rgb=(200.0, 205.0, 215.0),
+                 red_cell_od=tuple(red * [0.6, 0.8, 1.3]), nucleus_od=tuple(nuclei * [1.4, 0.7, 0.6]))
+    background, red, nuclei = stain_anchors(normalise_stain(restyle(smears[0], other), domain))
+    assert np.allclose(background, domain.background_rgb, atol=4)
+    assert np.allclose(red, domain.red_cell_od, atol=0.05) and np.allclose(nuclei, domain.nucleus_od, atol=0.1)
