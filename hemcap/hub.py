@@ -64,7 +64,7 @@ Mean attribute accuracy counts an attribute the caption omits as wrong.
 ## Limitations
 
 - Trained on one source of single-cell crops ({{ data_name }}): other microscopes, cameras, stains
-  and magnifications shift colour and scale, and accuracy drops on them.
+  and magnifications shift colour and scale, and accuracy drops on them. {{ domain_text }}
 - It describes the attributes its schema knows and no others; it cannot flag what it was never shown
   (blasts, atypical or dysplastic cells unless the training data had them).
 - Captions can state an attribute wrongly with fluent confidence; check the parsed attributes and
@@ -117,7 +117,21 @@ def build_model_card(model_dir: str | Path, repo_id: str, license: str | None = 
         data, template_str=CARD_TEMPLATE, model_name=name,
         kind_text=_kind_text(info, summary), training_text=_training_text(summary),
         data_text=_data_text(summary), data_name=recipe, metrics_table=_metrics_table(summary.get("metrics", {})),
-        usage=_usage(repo_id), license_text=_license_text(data, recipe))
+        usage=_usage(repo_id), license_text=_license_text(data, recipe), domain_text=_domain_text(info))
+
+
+def _domain_text(info) -> str:
+    """What hemcap does about other labs' images for this model (``hemcap.domain``), in one or two sentences."""
+    from hemcap.domain import Domain
+
+    domain = Domain.from_info(info)
+    if domain is None or not domain.red_cell_px:
+        return ""
+    text = (f"Its training images show red cells {domain.red_cell_px:.0f} px across in a {domain.field_px:.0f} px "
+            "field; hemcap crops other smears' cells over that field at their own magnification")
+    if domain.normalises:
+        text += f", gives them the training images' colours (`{domain.normalisation}` normalisation)"
+    return text + " and warns when a smear looks unlike the training data."
 
 
 def _hub_id(name: str | None) -> str | None:

@@ -43,6 +43,8 @@ def write_summary(model_dir: Path, lora: bool, base_model: str | None = None) ->
                      "lora": lora, "data": {"path": "runs/data/wbcatt", "train_images": 6169, "val_images": 1030,
                                             "schema": "wbcatt", "recipe": "wbcatt"}}
     info.base_model = base_model or info.base_model
+    info.magnification = {"red_cell_px": 73.8, "field_px": 361.5}
+    info.colour = {"normalisation": "stain", "lab_mean": [79.2, 11.5, 7.4]}
     write_model_info(model_dir, info)
 
 
@@ -89,6 +91,7 @@ def test_model_card_metadata_validates_offline(adapter_dir):
     text = parsed.text
     assert "research only; not for diagnosis" in text and "## Limitations" in text
     assert "6169 training" in text and "CC BY 4.0" in text and "| accuracy: cell_size | 0.7000 |" in text
+    assert "red cells 74 px across in a 362 px field" in text and "(`stain` normalisation)" in text
 
 
 def test_card_names_the_base_model_and_its_license(tmp_path, captions):
