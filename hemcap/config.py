@@ -217,6 +217,8 @@ class AugmentConfig(_Section):
     """Max relative change of brightness, contrast and saturation (0 = off)."""
     stain_jitter: float = 0.0
     """Max relative change of each colour channel's optical density, as other stains shift it (0 = off)."""
+    stain_mix: float = 0.0
+    """Max change of each entry of the optical-density mixing matrix: other stains' hues (0 = off)."""
     # Other labs' optics and cameras: each reaches a random half of a batch, at a strength drawn up to its maximum.
     scale: float = 0.0
     """Max relative zoom about the centre, as another objective magnifies (0.15: x0.85 to x1.15; 0 = off)."""
@@ -231,6 +233,7 @@ class AugmentConfig(_Section):
 
     def problems(self) -> list[str]:
         problems = _in_range(self, "color_jitter", 0.0, 1.0) + _in_range(self, "stain_jitter", 0.0, 1.0)
+        problems += _in_range(self, "stain_mix", 0.0, 1.0)
         problems += _in_range(self, "scale", 0.0, 0.5)  # a factor of 0.5 already halves a cell
         problems += _in_range(self, "blur", 0.0, 10.0) + _in_range(self, "gamma", 0.0, 1.0)
         problems += _in_range(self, "noise", 0.0, 1.0)

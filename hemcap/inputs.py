@@ -356,6 +356,8 @@ def augment_pixels(pixels: torch.Tensor, cfg: AugmentConfig, rng: torch.Generato
         _on_half(x, gaussian_blur, torch.rand(n, generator=rng) * cfg.blur, rng)
     if cfg.stain_jitter:
         x = stain_jitter(x, cfg.stain_jitter, rng)
+    if cfg.stain_mix:
+        _on_half(x, stain_mix, _uniform(rng, (n, 3, 3), cfg.stain_mix), rng)
     if cfg.color_jitter:
         x = color_jitter(x, cfg.color_jitter, rng)
     return _camera(x, cfg, rng)
@@ -403,6 +405,17 @@ def stain_jitter(x: torch.Tensor, amount: float, rng: torch.Generator) -> torch.
     od = -torch.log(x.clamp_min(1 / 255))
     od = od * (1 + _uniform(rng, shape, amount)) + _uniform(rng, shape, amount / 4)
     return torch.exp(-od).clamp_(0, 1)
+
+
+def stain_mix(x: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """Each image's optical densities (against its background: the brightest 4x4 block per channel)
+    mixed by the identity plus ``offsets`` (B, 3, 3): a stain whose dyes absorb in other proportions,
+    so red cells and nuclei change hue differently, as between labs (after stain normalisation,
+    TXL-PBC's BCCD and BCD nuclei are bluer against their red cells than PBC's, Raabin-WBC's redder)."""
+    background = torch.nn.functional.avg_pool2d(x, 4).amax(dim=(2, 3), keepdim=True).clamp_min(1 / 255)
+    od = torch.log(background) - torch.log(x.clamp_min(1 / 255))
+    mixing = torch.eye(3) + offsets
+    return (background * torch.exp(-torch.einsum("bij,bjhw->bihw", mixing, od))).clamp_(0, 1)
 
 
 def color_jitter(x: torch.Tensor, amount: float, rng: torch.Generator) -> torch.Tensor:

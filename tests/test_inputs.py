@@ -192,7 +192,7 @@ def test_a_one_thread_prefetcher_leaves_the_callers_torch_threads_alone():
 
 # ------------------------------------------------------------------------------ other labs' optics and cameras
 
-CAMERA = {"scale": 0.15, "blur": 1.0, "gamma": 0.2, "noise": 0.03, "jpeg_quality": 60}
+CAMERA = {"scale": 0.15, "blur": 1.0, "gamma": 0.2, "noise": 0.03, "jpeg_quality": 60, "stain_mix": 0.2}
 
 
 def smooth_images(n=16, size=32, seed=0, grain=55) -> torch.Tensor:
@@ -312,3 +312,16 @@ def test_gamma_keeps_black_and_white_and_bends_the_middle():
     assert (after[..., 0] == 0).all() and (after[..., 2] == 1).all()
     middle = after[:, 0, 0, 1]
     assert ((middle >= (128 / 255) ** 1.2215) & (middle <= (128 / 255) ** 0.8187)).all()
+
+
+def test_stain_mix_changes_hues_and_keeps_the_background():
+    from hemcap.inputs import stain_mix
+
+    x = torch.full((2, 3, 16, 16), 0.9)
+    x[:, :, 4:8, 4:8] = torch.tensor([0.4, 0.2, 0.6]).view(3, 1, 1)  # a purple nucleus on the slide
+    offsets = torch.zeros(2, 3, 3)
+    offsets[1, 0, 1] = 0.3  # red absorbs a little where green does
+    out = stain_mix(x.clone(), offsets)
+    assert torch.allclose(out[0], x[0], atol=1e-5)  # the identity mixing leaves the image alone
+    assert torch.allclose(out[1, :, 0, 0], x[1, :, 0, 0], atol=1e-5)  # the background keeps its colour
+    assert out[1, 0, 5, 5] < x[1, 0, 5, 5] and torch.allclose(out[1, 1:, 5, 5], x[1, 1:, 5, 5], atol=1e-5)
