@@ -8,8 +8,10 @@ magnification) and their CIELAB colour statistics (its stain). ``ModelInfo.magni
 - ``field_side``: a smear's cells are cropped over the field the model saw, at the smear's own
   magnification (training field x the smear's red cells / the training red cells), so a
   lymphocyte stays small next to its red cells whatever the microscope and camera;
-- ``normalise_stain``: each crop's colours are moved to the training images' (Reinhard et al.'s
-  transfer in CIELAB, 2001), on by default, ``--no-stain-norm`` turns it off;
+- ``normalise_stain``: each image (training, validation and every crop captioned) is given the
+  training images' colours as ``data.stain_norm`` chose: ``anchors`` (the shipped recipe's: its
+  background and red cells get the training images' colours), ``reinhard`` or ``stain``
+  (BENCHMARKS.md, "Any lab's smear", measured all three); ``--no-stain-norm`` turns it off;
 - ``domain_shift``: how far a smear sits from the training images, in colour, in magnification
   (how much its cells are enlarged to the model's) and in caption confidence, and the warning
   when any of the three passes the limit chosen on the dev looks (``BENCHMARKS.md``).
@@ -25,9 +27,8 @@ import numpy as np
 from PIL import Image
 
 SAMPLE = 40  # training images measured: medians move < 1 Lab unit and < 1 % in red-cell size beyond ~30
+MIN_RED_PIXELS = 50  # pixels of red cells (or nuclei) a colour anchor needs: about one red cell at 256 px
 WARNING = "this smear looks unlike the training data; check every caption"
-
-
 NORMALISATIONS = ("none", "reinhard", "anchors", "stain")
 
 
@@ -129,9 +130,6 @@ def colour_statistics(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.nd
     flat = lab.reshape(-1, 3)
     reds = np.median(lab[red], axis=0) if red.sum() >= MIN_RED_PIXELS else None
     return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-3), np.median(lab[background], axis=0), reds
-
-
-MIN_RED_PIXELS = 50  # ~ one red cell at 256 px
 
 
 def anchor_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
