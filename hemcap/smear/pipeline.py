@@ -4,7 +4,9 @@ parse what each caption states, and report per cell and per smear.
 ``SmearPipeline(engine).run(image)`` returns a ``SmearReport`` (``hemcap.smear.report``): every
 cell's box, caption, attributes and confidences, a differential count of cell types, and flags for
 cells whose caption contradicts itself, names no cell type, or states an attribute with a
-confidence below ``min_confidence``. ``hemcap.smear.batch.process_images`` runs it over folders.
+confidence below ``min_confidence``. For a captioner that records its training domain
+(``hemcap.domain``) each cell is cropped over the training field at the image's red-cell size, and
+the report says how far the image sits from the training images, with a warning past the limits. ``hemcap.smear.batch.process_images`` runs it over folders.
 
 ``run_auto`` decides whether an image is a smear or a crop of one cell, from the image's shape and
 what the detector finds (``looks_like_cell``):
