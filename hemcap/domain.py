@@ -120,16 +120,13 @@ def colour_statistics(image: Image.Image) -> tuple[np.ndarray, np.ndarray, np.nd
     cells (None when fewer than ``MIN_RED_PIXELS`` of them show), on a copy at most 256 px across."""
     from skimage.color import rgb2lab
 
-    from hemcap.looks import THUMB_SIDE
+    from hemcap.looks import lab_moments, thumbnail_rgb
 
-    small = image.convert("RGB")
-    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    rgb = np.asarray(small)
+    rgb = thumbnail_rgb(image)
     lab = rgb2lab(rgb)
     background, red, _ = anchor_masks(rgb)
-    flat = lab.reshape(-1, 3)
     reds = np.median(lab[red], axis=0) if red.sum() >= MIN_RED_PIXELS else None
-    return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-3), np.median(lab[background], axis=0), reds
+    return *lab_moments(lab), np.median(lab[background], axis=0), reds
 
 
 def anchor_masks(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -172,13 +169,13 @@ def normalise_stain(image: Image.Image, domain: Domain) -> Image.Image:
     Reinhard's statistics move with the cell type); background alone shifts when no red cell shows.
     stain: red cells and nuclei both, by their optical densities (``_restained``).
     """
-    from hemcap.looks import transfer_colour
+    from hemcap.looks import lab_statistics, transfer_colour
 
     if domain.normalisation == "stain":
         return _restained(image, domain)
-    mean, std, background, red = colour_statistics(image)
-    if domain.normalisation == "reinhard":
-        return transfer_colour(image, mean, std, np.asarray(domain.lab_mean), np.asarray(domain.lab_std))
+    if domain.normalisation == "reinhard":  # whole-image statistics: no cell masks needed
+        return transfer_colour(image, *lab_statistics(image), np.asarray(domain.lab_mean), np.asarray(domain.lab_std))
+    _, _, background, red = colour_statistics(image)
     target_background = np.asarray(domain.background)
     if red is None or domain.red_cells is None:
         return transfer_colour(image, background, np.ones(3), target_background, np.ones(3))

@@ -78,14 +78,24 @@ class Look:
         return asdict(self)
 
 
+def thumbnail_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 RGB of ``image`` at most ``THUMB_SIDE`` across: colour statistics are measured on it."""
+    small = image.convert("RGB")
+    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
+    return np.asarray(small)
+
+
 def lab_statistics(image: Image.Image) -> tuple[np.ndarray, np.ndarray]:
     """Mean and standard deviation of each CIELAB channel of an image."""
     from skimage.color import rgb2lab
 
-    small = image.convert("RGB")
-    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    lab = rgb2lab(np.asarray(small)).reshape(-1, 3)
-    return lab.mean(axis=0), np.maximum(lab.std(axis=0), 1e-3)
+    return lab_moments(rgb2lab(thumbnail_rgb(image)))
+
+
+def lab_moments(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard deviation (at least 1e-3) of each channel of a CIELAB array."""
+    flat = lab.reshape(-1, 3)
+    return flat.mean(axis=0), np.maximum(flat.std(axis=0), 1e-3)
 
 
 def measure_look(folder: str | Path, name: str | None = None, limit: int = LOOK_IMAGES) -> Look:
@@ -109,9 +119,7 @@ def stain_anchors(image: Image.Image) -> tuple[np.ndarray, np.ndarray | None, np
     per channel) of its red cells and of its white-cell nuclei; None where fewer than 50 pixels show."""
     from hemcap.domain import MIN_RED_PIXELS, anchor_masks
 
-    small = image.convert("RGB")
-    small.thumbnail((THUMB_SIDE, THUMB_SIDE))
-    rgb = np.asarray(small)
+    rgb = thumbnail_rgb(image)
     background, red, nuclei = anchor_masks(rgb)
     colour = np.median(rgb[background].astype(np.float64), axis=0)
     od = np.log(np.maximum(colour, 1)) - np.log(np.maximum(rgb.astype(np.float64), 1))

@@ -125,11 +125,9 @@ class SmearPipeline:
             notes.append(f"cell image cropped to the training field ({field:.0f} px) at its red cells' size"
                          if field else "no red cells measured on this cell image: taken to be at the training "
                                        "magnification")
-        box = (0, 0, image.width, image.height)
-        if field:
-            box = (image.width / 2 - field / 2, image.height / 2 - field / 2, image.width / 2 + field / 2,
-                   image.height / 2 + field / 2)
-        crop = square_crop(image, box, 0.0, self.crop_size)
+        centre = (image.width / 2, image.height / 2) * 2  # a point: the crop is then exactly the field
+        crop = square_crop(image, centre if field else (0, 0, image.width, image.height), 0.0, self.crop_size,
+                           min_side=field)
         (caption,) = self.engine.caption([crop])
         return self._report(name, image.size, [self._cell(1, None, caption, crop)], notes, "cell", red_cells,
                             self._domain_report([crop], [caption], field))
