@@ -130,6 +130,8 @@ def _recipe_parser(recipes, name: str, help: str):
     parser.add_argument("--seed", type=int, default=0, help="seed for paraphrases (and synthetic images)")
     parser.add_argument("--convert-images", action="store_true",
                         help="convert grayscale/alpha/16-bit/CMYK images to 8-bit RGB instead of refusing them")
+    parser.add_argument("--allow-outside-root", action="store_true",
+                        help="follow image paths that leave the image folder (absolute or ../); refused by default")
     return parser
 
 
@@ -148,7 +150,7 @@ def _run_recipe(function: str, args, **kwargs) -> int:
 
     common = dict(overwrite=args.overwrite, n_paraphrases=args.paraphrases, seed=args.seed)
     if function != "prepare_synthetic":
-        common["convert_images"] = args.convert_images
+        common.update(convert_images=args.convert_images, allow_outside_root=args.allow_outside_root)
     out = getattr(recipes, function)(out_dir=args.out, **kwargs, **common)
     dataset, _ = recipes.load_prepared(out)
     print(f"wrote {out}: " + ", ".join(f"{split} {len(dataset[split])}" for split in dataset))
@@ -353,7 +355,9 @@ def _add_push(sub) -> None:
     push.add_argument("--repo-id", required=True, help="user/name on the Hugging Face Hub")
     push.add_argument("--private", action="store_true", help="create the repo as private")
     push.add_argument("--dry-run", action="store_true", help="only write the folder that would be uploaded")
-    push.add_argument("--out", help="with --dry-run: where to write it (default: <model_dir>-hub-upload)")
+    push.add_argument("--out", help="with --dry-run: a new folder to write it to (default: <model_dir>-hub-upload)")
+    push.add_argument("--overwrite", action="store_true",
+                      help="with --dry-run: replace --out if an earlier dry run wrote it (never any other folder)")
     push.add_argument("--license", help="license id for the card (default: the base model's, else apache-2.0)")
     push.set_defaults(run=_run_push)
 
@@ -362,7 +366,7 @@ def _run_push(args) -> int:
     from hemcap.hub import push
 
     where = push(args.model_dir, args.repo_id, private=args.private, dry_run=args.dry_run, out=args.out,
-                 license=args.license)
+                 license=args.license, overwrite=args.overwrite)
     print(f"{'would upload' if args.dry_run else 'uploaded to'}: {where}")
     return 0
 

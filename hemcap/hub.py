@@ -225,26 +225,46 @@ def export_merged(model_dir: str | Path, out_dir: str | Path, overwrite: bool = 
 
 
 def stage_upload(model_dir: str | Path, staging: str | Path, repo_id: str, license: str | None = None) -> Path:
-    """Write into ``staging`` exactly what ``push`` uploads: the model dir's files plus README.md (the card)."""
-    from hemcap.models import find_model_dir
+    """Write into ``staging`` (new or empty) exactly what ``push`` uploads: the model dir's files, its
+    info without this machine's paths, and README.md (the card)."""
+    from hemcap.models import find_model_dir, read_model_info, write_model_info
 
     model_dir, staging = find_model_dir(model_dir), Path(staging)
-    if staging.exists():
-        shutil.rmtree(staging)
-    shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".*", "__pycache__"))
+    shutil.copytree(model_dir, staging, ignore=shutil.ignore_patterns(".*", "__pycache__"), dirs_exist_ok=True)
+    info = read_model_info(staging)
+    write_model_info(staging, dataclasses.replace(info, training=without_local_paths(info.training)))
     build_model_card(model_dir, repo_id, license).save(staging / "README.md")
     return staging
 
 
+def without_local_paths(value):
+    """``value`` with every absolute or ``..`` path cut to its last part: the training summary records
+    where this machine kept the data ("/home/alice/runs/x/data"), which is nobody else's business."""
+    if isinstance(value, dict):
+        return {key: without_local_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_local_paths(item) for item in value]
+    if isinstance(value, str) and _is_local_path(value):
+        return Path(value).name
+    return value
+
+
+def _is_local_path(text: str) -> bool:
+    return text.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", text) is not None or ".." in Path(text).parts
+
+
 def push(model_dir: str | Path, repo_id: str, private: bool = False, dry_run: bool = False,
-         out: str | Path | None = None, license: str | None = None) -> str:
-    """Upload the model, processor and card to ``repo_id``; with ``dry_run``, only write the folder."""
+         out: str | Path | None = None, license: str | None = None, overwrite: bool = False) -> str:
+    """Upload the model, processor and card to ``repo_id``; with ``dry_run``, only write the folder
+    (``out``, default ``<model_dir>-hub-upload``; an existing one is replaced only with ``overwrite``)."""
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise ValueError(f"--repo-id {repo_id!r} should look like user/name")
     if dry_run:
-        staging = Path(out) if out else Path(model_dir).parent / f"{Path(model_dir).name}-hub-upload"
-        stage_upload(model_dir, staging, repo_id, license)
-        return str(staging)
+        target = Path(out) if out else Path(model_dir).parent / f"{Path(model_dir).name}-hub-upload"
+        check_upload_folder(model_dir, target, overwrite)
+        with staging_dir(target, overwrite=overwrite) as staging:
+            stage_upload(model_dir, staging, repo_id, license)
+        return str(target)
     from huggingface_hub import HfApi
 
     api = HfApi()
@@ -255,3 +275,19 @@ def push(model_dir: str | Path, repo_id: str, private: bool = False, dry_run: bo
                           commit_message="Upload hemcap model")
     log.info("pushed %s to %s", model_dir, url)
     return str(url)
+
+
+UPLOAD_MARKERS = ("README.md", "hemcap_model.json")  # what every dry-run folder holds
+
+
+def check_upload_folder(model_dir: str | Path, out: str | Path, overwrite: bool) -> None:
+    """Refuse a ``--dry-run --out`` that would replace the model, the working folder or anything above
+    them, or an existing folder that an earlier dry run did not write (``--overwrite`` replaces only those)."""
+    model, target, here = Path(model_dir).resolve(), Path(out).resolve(), Path.cwd().resolve()
+    if target == model or target in model.parents or model in target.parents:
+        raise ValueError(f"--out {out} would replace, hold or sit inside the model folder {model}; choose a new folder")
+    if target == here or target in here.parents:
+        raise ValueError(f"--out {out} would replace the working folder {here} or one above it; choose a new folder")
+    if target.exists() and overwrite and not all((target / name).is_file() for name in UPLOAD_MARKERS):
+        raise ValueError(f"--out {out} exists and is not a folder `hemcap push --dry-run` wrote (it lacks "
+                         f"{' or '.join(UPLOAD_MARKERS)}); hemcap replaces only those: choose a new folder")

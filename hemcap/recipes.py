@@ -67,14 +67,15 @@ class CellRecord:
 # --------------------------------------------------------------------------------- the recipes
 
 
-def prepare_wbcatt(data_dir: str | Path, out_dir: str | Path, **options) -> Path:
+def prepare_wbcatt(data_dir: str | Path, out_dir: str | Path, allow_outside_root: bool = False, **options) -> Path:
     """WBCAtt's official train/val/test split; images from the PBC folder beside it."""
     data_dir = Path(data_dir)
     schema = get_schema("wbcatt")
     records = []
     for split_file, split in (("train", "train"), ("val", "validation"), ("test", "test")):
         csv_path = data_dir / "wbcatt" / f"pbc_attr_v1_{split_file}.csv"
-        records += _records_from_table(csv_path, schema, "path", data_dir / "pbc", split, "wbcatt", "img_name")
+        records += _records_from_table(csv_path, schema, "path", data_dir / "pbc", split, "wbcatt", "img_name",
+                                       allow_outside_root=allow_outside_root)
     return write_dataset(records, schema, out_dir, meta={"recipe": "wbcatt", "data_dir": str(data_dir)}, **options)
 
 
@@ -86,17 +87,20 @@ def prepare_csv(
     image_root: str | Path | None = None,
     split_column: str | None = "split",
     id_column: str | None = None,
+    allow_outside_root: bool = False,
     **options,
 ) -> Path:
     """A user's own table: one row per cell, an image path column and one column per field.
 
     Rows go to the split named in ``split_column`` (train/val/validation/test); without
-    that column, a stable hash of the id puts 80/10/10 % in train/validation/test.
+    that column, a stable hash of the id puts 80/10/10 % in train/validation/test. Image paths
+    must stay inside ``image_root`` unless ``allow_outside_root`` (see ``image_under``).
     """
     csv_path = Path(csv_path)
     schema_obj = get_schema(schema)
     root = Path(image_root) if image_root else csv_path.parent
-    records = _records_from_table(csv_path, schema_obj, image_column, root, None, "csv", id_column, split_column)
+    records = _records_from_table(csv_path, schema_obj, image_column, root, None, "csv", id_column, split_column,
+                                  allow_outside_root)
     meta = {"recipe": "csv", "csv": str(csv_path), "schema_file": str(schema)}
     return write_dataset(records, schema_obj, out_dir, meta=meta, **options)
 
@@ -129,18 +133,21 @@ def prepare_leukemiaattri(
     out_dir: str | Path,
     margin: float = 0.25,
     crop_size: int | None = 224,
+    allow_outside_root: bool = False,
     **options,
 ) -> Path:
     """LeukemiaAttri / LLD COCO annotations: crop every annotated cell and caption it.
 
     ``coco_json`` is one file (split 80/10/10 by smear, so no smear is in two splits) or a
-    mapping split -> file. See ``records_from_coco`` for the accepted COCO layout.
+    mapping split -> file. See ``records_from_coco`` for the accepted COCO layout; its file names
+    must stay inside ``images_dir`` unless ``allow_outside_root``.
     """
     schema = get_schema("leukemiaattri")
     files = coco_json if isinstance(coco_json, Mapping) else {None: coco_json}
     records = []
     for split, path in files.items():
-        records += records_from_coco(Path(path), Path(images_dir), schema, split, margin, crop_size)
+        records += records_from_coco(Path(path), Path(images_dir), schema, split, margin, crop_size,
+                                     allow_outside_root)
     meta = {"recipe": "leukemiaattri", "coco_json": {str(k): str(v) for k, v in files.items()}}
     return write_dataset(records, schema, out_dir, meta=meta, **options)
 
@@ -149,7 +156,8 @@ def prepare_leukemiaattri(
 
 
 def records_from_coco(
-    path: Path, images_dir: Path, schema: Schema, split: str | None, margin: float, crop_size: int | None
+    path: Path, images_dir: Path, schema: Schema, split: str | None, margin: float, crop_size: int | None,
+    allow_outside_root: bool = False,
 ) -> list[CellRecord]:
     """Cells from a COCO file in LeukemiaAttri's layout.
 
@@ -166,7 +174,8 @@ def records_from_coco(
         by_image.setdefault(ann.get("image_id"), []).append((number, ann))
     records = []
     for image_id, anns in by_image.items():
-        records += _records_from_coco_image(path, images_dir, images.get(image_id), anns, categories, schema, split, margin, crop_size)
+        records += _records_from_coco_image(path, images_dir, images.get(image_id), anns, categories, schema, split,
+                                            margin, crop_size, allow_outside_root)
     return records
 
 
@@ -179,7 +188,8 @@ def _read_json(path: Path) -> dict:
         raise RecipeError(str(path), [f"not valid UTF-8 JSON: {error}"]) from None
 
 
-def _records_from_coco_image(path, images_dir, image_entry, anns, categories, schema, split, margin, crop_size):
+def _records_from_coco_image(path, images_dir, image_entry, anns, categories, schema, split, margin, crop_size,
+                             allow_outside_root=False):
     where = f"{path.name} annotation"
     if image_entry is None:
         return [_failed_record(f"{where} #{n}: image_id {a.get('image_id')!r} is not in images[]", a, split) for n, a in anns]
@@ -187,8 +197,12 @@ def _records_from_coco_image(path, images_dir, image_entry, anns, categories, sc
     smear_split = split or hash_split(file_name)  # whole smears go to one split: no leakage
     from hemcap.images import ImageError, background_colour, load_rgb, square_crop
 
+    smear_path, problems = image_under(images_dir, file_name, f"{path.name} image {image_entry.get('id')!r}",
+                                       allow_outside_root)
+    if problems:
+        return [_failed_record(problems[0], a, smear_split) for _, a in anns]
     try:
-        smear = load_rgb(images_dir / file_name)
+        smear = load_rgb(smear_path)
     except ImageError as error:
         return [_failed_record(f"{where} #{n}: {error.reason}", a, smear_split) for n, a in anns]
     background = background_colour(smear)  # once per smear: it pads every crop at the border
@@ -238,6 +252,7 @@ def _records_from_table(
     source: str,
     id_column: str | None = None,
     split_column: str | None = None,
+    allow_outside_root: bool = False,
 ) -> list[CellRecord]:
     rows, columns = _read_csv(csv_path)
     wanted = [schema.fields[f].column for f in schema.field_names] + [image_column]
@@ -249,12 +264,28 @@ def _records_from_table(
     for line, row in rows:
         where = f"{csv_path.name} line {line}"
         attributes = {f: row[schema.fields[f].column].strip() for f in schema.field_names}
-        image_path = image_root / row[image_column].strip()
+        image_path, outside = image_under(image_root, row[image_column].strip(), where, allow_outside_root)
         rid = row[id_column].strip() if id_column else row[image_column].strip()
         row_split, problems = _row_split(row, split, split_column, rid, where)
-        record = CellRecord(rid, row_split, attributes, where, image_path=image_path, source=source, problems=problems)
+        record = CellRecord(rid, row_split, attributes, where, image_path=None if outside else image_path,
+                            source=source, problems=outside + problems)
         records.append(record)
     return records
+
+
+def image_under(root: Path, name: str, where: str, allow_outside: bool = False) -> tuple[Path, list[str]]:
+    """``root / name``, and a problem when ``name`` leads out of ``root`` (an absolute path or ``..``):
+    an annotation file from elsewhere must not make hemcap read any file of this machine. The check is
+    on the written path, so symbolic links inside ``root`` (a user's own layout) are followed."""
+    path = root / name
+    if allow_outside or _stays_inside(name):
+        return path, []
+    return path, [f"{where}: image path {name!r} leads outside the image folder {root} "
+                  "(pass --allow-outside-root if that is meant)"]
+
+
+def _stays_inside(name: str) -> bool:
+    return not Path(name).is_absolute() and Path(os.path.normpath(name)).parts[:1] != ("..",)
 
 
 def _read_csv(path: Path) -> tuple[list[tuple[int, dict]], list[str]]:

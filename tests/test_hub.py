@@ -113,6 +113,55 @@ def test_push_dry_run_writes_the_exact_upload_folder(adapter_dir, tmp_path, caps
     assert texts(load_trained(out), cell_rows(), 5) == texts(load_trained(adapter_dir), cell_rows(), 5)
 
 
+
+def dry_run(model_dir, out, *extra) -> int:
+    return main(["push", str(model_dir), "--repo-id", "someone/x", "--dry-run", "--out", str(out), *extra])
+
+
+def test_dry_run_never_replaces_the_model_or_the_working_folder(adapter_dir, tmp_path, monkeypatch, capsys):
+    """`--out .` once wiped the working folder and `--out <model>` the model."""
+    before = sorted(p.name for p in adapter_dir.iterdir())
+    work = tmp_path / "work"
+    (work / "notes").mkdir(parents=True)
+    monkeypatch.chdir(work)
+    for out in (adapter_dir, adapter_dir.parent, adapter_dir / "upload", work, tmp_path):
+        assert dry_run(adapter_dir, out, "--overwrite") == 2
+    err = capsys.readouterr().err
+    assert "would replace, hold or sit inside the model folder" in err and "would replace the working folder" in err
+    assert sorted(p.name for p in adapter_dir.iterdir()) == before and (work / "notes").is_dir()
+
+
+def test_dry_run_replaces_only_an_earlier_dry_run(adapter_dir, tmp_path, capsys):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("years of work")
+    assert dry_run(adapter_dir, mine) == 2 and "pass --overwrite" in capsys.readouterr().err
+    assert dry_run(adapter_dir, mine, "--overwrite") == 2
+    assert "is not a folder `hemcap push --dry-run` wrote" in capsys.readouterr().err
+    assert (mine / "thesis.txt").read_text() == "years of work"
+    upload = tmp_path / "upload"
+    assert dry_run(adapter_dir, upload) == 0
+    (upload / "stale.txt").write_text("from before")
+    assert dry_run(adapter_dir, upload, "--overwrite") == 0
+    assert (upload / "README.md").is_file() and not (upload / "stale.txt").exists()
+    assert not list(tmp_path.glob(".upload.*")), "no staging folder is left behind"
+
+
+def test_upload_carries_no_local_paths(adapter_dir, tmp_path):
+    import shutil
+
+    model = tmp_path / "secret-place" / "model"
+    shutil.copytree(adapter_dir, model)
+    info = read_model_info(model)
+    info.training["data"]["path"] = str(tmp_path / "secret-place" / "data")
+    info.training["config"] = {"train": {"output_dir": str(tmp_path / "secret-place")}, "data": {"path": "../../d"}}
+    write_model_info(model, info)
+    out = Path(push(model, "someone/x", dry_run=True, out=tmp_path / "upload"))
+    texts_ = [p.read_text(errors="ignore") for p in out.rglob("*") if p.is_file()]
+    assert not [t for t in texts_ if str(tmp_path) in t or "../" in t]
+    training = read_model_info(out).training
+    assert training["data"]["path"] == "data" and training["config"]["train"]["output_dir"] == "secret-place"
+
 def test_push_uploads_that_folder_through_huggingface_hub(adapter_dir, monkeypatch):
     import huggingface_hub
 

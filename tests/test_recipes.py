@@ -214,6 +214,38 @@ def test_load_prepared_explains_a_wrong_folder(tmp_path):
         load_prepared(tmp_path)
 
 
+def test_image_paths_must_stay_inside_the_root(tmp_path):
+    root = tmp_path / "lab"
+    root.mkdir()
+    secret = tmp_path / "secret.jpg"
+    cell_image(9).save(secret)  # a readable image outside the root: only the path gives it away
+    rows = table_rows(4)
+    rows[1]["path"], rows[2]["path"] = str(secret), "../secret.jpg"
+    images = {str(secret): None, "../secret.jpg": None}
+    message = expect_problems(root, rows, images=images)
+    assert "2 problem(s)" in message
+    assert f"cells.csv line 3: image path {str(secret)!r} leads outside the image folder {root}" in message
+    assert "cells.csv line 4: image path '../secret.jpg' leads outside" in message
+    assert "--allow-outside-root" in message
+    dataset, _ = load_prepared(prepare_csv(root / "cells.csv", tmp_path / "ds", allow_outside_root=True))
+    assert sum(len(dataset[s]) for s in dataset) == 4
+
+
+def test_coco_file_names_must_stay_inside_the_images_folder(tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    coco = write_lld_fixture(tmp_path, n_smears=2)  # smears written beside, not inside, images/
+    data = json.loads(coco.read_text())
+    data["images"][0]["file_name"] = "../lld0.jpg"
+    data["images"][1]["file_name"] = str(tmp_path / "lld1.jpg")
+    coco.write_text(json.dumps(data))
+    with pytest.raises(RecipeError) as error:
+        prepare_leukemiaattri(coco, images, tmp_path / "ds")
+    assert "lld.json image 0: image path '../lld0.jpg' leads outside the image folder" in str(error.value)
+    assert "lld.json image 1: image path" in str(error.value)
+    dataset, _ = load_prepared(prepare_leukemiaattri(coco, images, tmp_path / "ds", allow_outside_root=True))
+    assert sum(len(dataset[s]) for s in dataset) == 4
+
 # ----------------------------------------------------------------------------- leukemiaattri
 
 
