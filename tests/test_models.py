@@ -229,6 +229,22 @@ def test_scratch_lora_adapter_reloads_with_its_base(captions, tmp_path):
     assert texts(load_trained(tmp_path / "adapter"), rows(captions), 6) == expected
 
 
+def test_an_adapter_loads_from_safetensors_only(captions, tmp_path):
+    """PEFT falls back to a pickled adapter_model.bin, which can run code when unpickled."""
+    from safetensors.torch import load_file
+
+    backend = load_backend(blip_config(), captions)
+    backend.save_base(tmp_path / "base")
+    add_lora(backend, LoraConfig(target_modules=HEMBLIP_TARGETS), freeze_vision=True)
+    folder = tmp_path / "adapter"
+    backend.save(folder)
+    weights = folder / "adapter_model.safetensors"
+    torch.save(load_file(weights), folder / "adapter_model.bin")
+    weights.unlink()
+    with pytest.raises(ModelError, match=r"adapter has no adapter_model.safetensors .*pickle"):
+        load_trained(folder)
+
+
 # ------------------------------------------------------------------------------ QLoRA
 
 

@@ -35,6 +35,13 @@ def test_output_stems_separate_same_named_images():
     assert stems[2] == "y" and stems[0] != stems[1] and all(s.startswith("x-") for s in stems[:2])
 
 
+def test_output_stems_never_take_the_runs_own_file_names():
+    stems = output_stems([Path("a/summary.jpg"), Path("a/Problems.png"), Path("a/detections.tif"), Path("a/X.png"),
+                          Path("b/x.jpg"), Path("a/cell.png")])
+    assert all(s.startswith(n + "-") for s, n in zip(stems, ("summary", "Problems", "detections", "X", "x")))
+    assert stems[-1] == "cell"
+
+
 # ------------------------------------------------------------------------------ hemcap caption
 
 

@@ -16,6 +16,8 @@ from hemcap.models.base import ModelError
 from hemcap.models.info import ModelInfo, find_model_dir, read_model_info
 from hemcap.models.registry import backend_class, backend_for_model_type
 
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # what peft's save_pretrained(safe_serialization=True) writes
+
 
 def load_backend(cfg: ModelConfig, captions: Sequence[str] = (), dtype=None, quantize: str | None = None,
                  schema=None):
@@ -68,8 +70,16 @@ def load_trained(path: str | Path, dtype=None, quantize: str | None = None, is_t
     if info.adapter:
         from peft import PeftModel
 
+        _require_safetensors(path)
         model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
     return cls(model, cls.load_processor(path), info)
+
+
+def _require_safetensors(path: Path) -> None:
+    """PEFT would fall back to ``adapter_model.bin``: a pickle, which can run code as it loads."""
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise ModelError(f"{path}: the adapter has no {ADAPTER_WEIGHTS} (hemcap loads weights from safetensors only; "
+                         "an adapter_model.bin is a pickle, which can run code as it loads)")
 
 
 def _weights_dir(path: Path, info: ModelInfo) -> str | Path:

@@ -42,6 +42,7 @@ from hemcap.smear.report import (UNCLASSIFIED, SmearReport, complete_report, cou
 
 log = logging.getLogger(__name__)
 
+RUN_FILES = {"summary", "detections", "problems"}  # the run's own <name>.json beside the per-image outputs
 PART = ".summary-part-{}.json"  # one process's outcomes, read by every process once all are written
 
 
@@ -129,10 +130,11 @@ def plan(paths: Iterable[str | Path] | str | Path) -> tuple[list[tuple[Path, str
 
 
 def output_stems(paths: Sequence[Path]) -> list[str]:
-    """One output name per image: its stem, or stem + a hash of its path where stems repeat."""
-    repeats = Counter(path.stem for path in paths)
-    return [path.stem if repeats[path.stem] == 1 else f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-            for path in paths]
+    """One output name per image: its stem, or stem + a hash of its path where stems repeat or name
+    one of the run's own files (an image called summary.jpg would lose its report to summary.json)."""
+    repeats = Counter(path.stem.lower() for path in paths)  # x.jpg and X.png collide on case-blind disks
+    return [path.stem if repeats[path.stem.lower()] == 1 and path.stem.lower() not in RUN_FILES
+            else f"{path.stem}-{hashlib.sha1(str(path).encode()).hexdigest()[:8]}" for path in paths]
 
 
 def run_share(jobs: Sequence[Job], task: Task, max_pixels: int | None, progress: bool) -> list[dict]:
