@@ -1,75 +1,26 @@
-"""Captions: render attributes as expert prose, paraphrase it, and parse any caption back.
+"""Captions: render attributes as expert prose and paraphrase it (``parse``, which reads any
+caption back, lives in ``hemcap.parsing`` and is re-exported here).
 
 ``render`` fills a schema template with canonical words; ``paraphrase`` picks a template,
 clause forms and synonyms at random (seeded) and shuffles list order, so training sees varied
-wording; ``parse`` finds the schema's phrases in any text and maps them back to values.
-
-The parser knows every phrase any clause form can produce (the cartesian product of its slots'
-words), normalised the same way as the text (lower case, no hyphens or articles, one spelling).
-It matches them through one trie-shaped regular expression, leftmost-longest, so "small pink
-granules" wins over a shorter phrase inside it. Two different values for one field are a
-contradiction: the field comes back as None and the contradiction is reported, never guessed.
+wording.
 """
 
 from __future__ import annotations
 
-import itertools
 import random
 import re
-from dataclasses import dataclass
 from typing import Mapping
 
-from hemcap.schema import Form, Schema, SchemaError, format_text, get_schema, template_lists
+from hemcap.parsing import (ParsedAttributes, Parser, PhraseMatch, compiled_parser, normalize,  # noqa: F401
+                            normalize_tokens, parse, phrase_table)
+from hemcap.schema import Schema, format_text, get_schema, template_lists
 
-_ARTICLES = frozenset({"a", "an", "the"})
-# One spelling for the words captions use, so either spelling parses.
-_SPELLING = {"color": "colour", "colored": "coloured", "leukemia": "leukaemia", "gray": "grey"}
-_BOUNDARY = "|"  # stands for punctuation, so no phrase matches across a clause break
-_TOKEN = re.compile(r"n\s*[:/]\s*c(?![^\W_])|[^\W_]+|[.,;:!?()\[\]{}]", re.UNICODE | re.IGNORECASE)
 _AN = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 
 
 class CaptionError(ValueError):
     """Attributes that cannot be rendered (missing field, unknown value)."""
-
-
-def normalize_tokens(text: str) -> list[str]:
-    """Lower-case word tokens of ``text``; punctuation becomes a boundary token.
-
-    The parser's hot path: `_normal_token`'s rules inlined, about 1.5x faster than calling it.
-    """
-    tokens: list[str] = []
-    append = tokens.append
-    for token in _TOKEN.findall(text.lower()):
-        if not token[0].isalnum():
-            append(_BOUNDARY)
-        elif token[0] == "n" and len(token) > 1 and not token[1].isalnum():
-            append("nc")
-        elif token not in _ARTICLES:
-            append(_SPELLING.get(token, token))
-    return tokens
-
-
-def _normal_token(raw: str) -> str | None:
-    token = raw.lower()
-    if token[0] == "n" and len(token) > 1 and not token[1].isalnum():
-        return "nc"  # "N:C", "n / c"
-    if not token[0].isalnum():
-        return _BOUNDARY
-    if token in _ARTICLES:
-        return None
-    return _SPELLING.get(token, token)
-
-
-def _normal_tokens(text: str) -> list[tuple[str, re.Match]]:
-    """``(token, match)`` pairs: each normalised token and where it came from in ``text``."""
-    pairs = ((_normal_token(m.group()), m) for m in _TOKEN.finditer(text))
-    return [(token, m) for token, m in pairs if token]
-
-
-def normalize(text: str) -> str:
-    """The form the parser matches on: ``"A band-shaped nucleus;"`` -> ``"band shaped nucleus |"``."""
-    return " ".join(normalize_tokens(text))
 
 
 def tidy(text: str) -> str:
@@ -172,142 +123,3 @@ class _ClauseWords(dict):
 
 def _join_list(items: list[str]) -> str:
     return items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
-
-
-# ------------------------------------------------------------------------------------ parsing
-
-
-class ParsedAttributes(dict):
-    """``parse``'s result: field -> value or None, with the evidence behind it.
-
-    It compares equal to a plain dict, so ``parse(render(a)) == a`` reads naturally.
-    """
-
-    contradictions: dict[str, tuple[str, ...]]
-
-    def __init__(self, values: dict, contradictions: dict):
-        super().__init__(values)
-        self.contradictions = contradictions  # field -> every value the text claimed
-
-    @property
-    def stated(self) -> list[str]:
-        """Fields the text states without contradiction."""
-        return [k for k, v in self.items() if v is not None]
-
-
-def parse(text: str, schema: str | Schema = "wbcatt") -> ParsedAttributes:
-    """Attributes stated in ``text``; None where it says nothing or contradicts itself."""
-    return compiled_parser(schema).parse(text)
-
-
-_PARSERS: dict[int, "Parser"] = {}
-
-
-def compiled_parser(schema: str | Schema) -> "Parser":
-    """The parser for ``schema``, built on first use (about 50 ms) and kept."""
-    schema = get_schema(schema)
-    parser = _PARSERS.get(id(schema))
-    if parser is None or parser.schema is not schema:
-        parser = _PARSERS[id(schema)] = Parser(schema)
-    return parser
-
-
-@dataclass(frozen=True)
-class PhraseMatch:
-    """A phrase found in a text, where it stands, and what it states."""
-
-    phrase: str  # normalised
-    start: int  # first normalised token
-    end: int  # one past the last normalised token
-    char_start: int  # the span in the original text
-    char_end: int
-    assignment: Mapping[str, str]
-
-
-class Parser:
-    """Phrase matcher for one schema. Build once (``compiled_parser``), reuse for every caption."""
-
-    def __init__(self, schema: Schema):
-        self.schema = schema
-        self.assignments = phrase_table(schema)
-        self._pairs = {phrase: tuple(a.items()) for phrase, a in self.assignments.items()}
-        self.pattern = re.compile(r"(?<!\S)(?:" + _trie_regex(self.assignments) + r")(?!\S)")
-
-    def matches(self, text: str) -> list[PhraseMatch]:
-        """Every phrase in ``text`` with its span, e.g. to find the tokens behind an attribute."""
-        tokens = _normal_tokens(text)
-        normal = " ".join(token for token, _ in tokens)
-        found = []
-        for m in self.pattern.finditer(normal):
-            start = normal.count(" ", 0, m.start())
-            end = start + m.group().count(" ") + 1
-            span = (tokens[start][1].start(), tokens[end - 1][1].end())
-            found.append(PhraseMatch(m.group(), start, end, *span, self.assignments[m.group()]))
-        return found
-
-    def parse(self, text: str) -> ParsedAttributes:
-        """The hot path (>= 20,000 captions/s): one regex pass, then a dict per phrase."""
-        values = dict.fromkeys(self.schema.field_names)
-        clashes: dict[str, set[str]] = {}
-        for phrase in self.pattern.findall(normalize(text)):
-            for field, value in self._pairs[phrase]:
-                first = values[field]
-                if first is None and field not in clashes:
-                    values[field] = value
-                elif first != value:
-                    clashes.setdefault(field, {first} - {None}).add(value)
-                    values[field] = None
-        return ParsedAttributes(values, {f: tuple(sorted(v)) for f, v in clashes.items()})
-
-
-def phrase_table(schema: Schema) -> dict[str, dict[str, str]]:
-    """Every normalised phrase the schema's clause forms can produce -> the values it states.
-
-    Raises SchemaError if one phrase would state two different things.
-    """
-    table: dict[str, dict[str, str]] = {}
-    conflicts = []
-    for clause, forms in [*schema.clauses.items(), ("extra_forms", schema.extra_forms)]:
-        for form in forms:
-            for phrase, assignment in _expand(schema, form):
-                previous = table.setdefault(phrase, assignment)
-                if previous != assignment:
-                    conflicts.append(f"{clause}: {phrase!r} states {assignment} and {previous}")
-    if conflicts:
-        raise SchemaError(f"schema {schema.name}: ambiguous phrases:\n  - " + "\n  - ".join(conflicts[:20]))
-    return table
-
-
-def _expand(schema: Schema, form: Form):
-    options = []
-    for slot in form.slots:
-        allowed = form.when.get(slot, schema.fields[slot].words.keys())
-        options.append([(v, w) for v in allowed for w in schema.fields[slot].words[v]])
-    for combo in itertools.product(*options):
-        words = {slot: word for slot, (_, word) in zip(form.slots, combo)}
-        assignment = {slot: value for slot, (value, _) in zip(form.slots, combo)} | form.implied
-        yield normalize(format_text(form.text, words)), assignment
-
-
-def _trie_regex(phrases) -> str:
-    """A regex matching exactly ``phrases``, shaped as a trie so matching is one pass in C.
-
-    Greedy optional tails make it prefer the longest phrase at each position.
-    """
-    trie: dict = {}
-    for phrase in phrases:
-        node = trie
-        for char in phrase:
-            node = node.setdefault(char, {})
-        node[""] = {}
-    return _node_regex(trie)
-
-
-def _node_regex(node: dict) -> str:
-    branches = [re.escape(ch) + _node_regex(child) for ch, child in sorted(node.items()) if ch]
-    if not branches:
-        return ""
-    body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
-    if "" in node:
-        return "(?:" + body + ")?"
-    return body

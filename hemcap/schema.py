@@ -2,7 +2,8 @@
 
 A schema says which fields a caption states (morphological attributes plus label fields such
 as the cell type), which values each field takes, the words that express each value, how words
-combine into clauses, and the caption templates. Templates, parser, metrics and demo all read
+combine into clauses, the caption templates, and how free text is read (``reading``: topic nouns,
+value words, negations; see ``hemcap.parsing``). Templates, parser, metrics and demo all read
 from it; nothing else in hemcap knows an attribute vocabulary.
 """
 
@@ -61,6 +62,41 @@ class Form:
 
 
 @dataclass(frozen=True)
+class Topic:
+    """Something a clause can be about ("the nucleus"), named by its nouns."""
+
+    name: str
+    fields: tuple[str, ...]  # what a clause about it can state, the likelier reading of a word first
+    nouns: tuple[str, ...]
+    names: str | None = None  # a field whose words are nouns of this topic too (the cell type)
+    present: Mapping[str, str] = field(default_factory=dict)  # what mentioning it states ("vacuoles")
+    absent: Mapping[str, str] = field(default_factory=dict)  # what denying it states ("no vacuoles")
+
+    @property
+    def other(self) -> bool:
+        """A topic of no field (red cells, platelets): words about it are not about the cell."""
+        return not self.fields
+
+
+@dataclass(frozen=True)
+class Reading:
+    """How free text is read beyond the clause forms' exact phrases (``hemcap.parsing``)."""
+
+    topics: Mapping[str, Topic] = field(default_factory=dict)
+    words: Mapping[str, Mapping[str, tuple[str, ...]]] = field(default_factory=dict)  # field -> value -> words
+    implies: Mapping[str, Mapping[str, Mapping[str, str]]] = field(default_factory=dict)  # field -> value -> others
+    negations: tuple[str, ...] = ()  # before what they deny: "no", "without"
+    negations_after: tuple[str, ...] = ()  # after it: "absent", "not seen"
+    breaks: tuple[str, ...] = ()  # words that end a clause as a comma does: "and", "but"
+    openers: tuple[str, ...] = ()  # words that end a clause and open a noun phrase: "with"
+    ignore: tuple[str, ...] = ()  # phrases read as nothing, so no word inside them is: "toxic granulation"
+    hedges: tuple[str, ...] = ()  # a clause holding one states nothing: "possibly", "may be"
+    doubts: tuple[str, ...] = ()  # a sentence holding one states nothing: "cannot be excluded", "if"
+    contrasts: tuple[str, ...] = ()  # what follows, up to the next cell named, is another cell: "unlike"
+    exclusions: tuple[str, ...] = ()  # the rest of the clause is what the cell is not: "rather than"
+
+
+@dataclass(frozen=True)
 class Schema:
     """A loaded, checked attribute schema."""
 
@@ -71,6 +107,7 @@ class Schema:
     clauses: Mapping[str, tuple[Form, ...]]
     templates: tuple[tuple[str, ...], ...]
     extra_forms: tuple[Form, ...] = ()  # phrasings the parser accepts that templates never use
+    reading: Reading = field(default_factory=Reading)  # how free text is read beyond exact phrases
     raw: Mapping = field(default_factory=dict, compare=False, repr=False)  # the YAML as parsed: what models embed
 
     @property
@@ -149,6 +186,7 @@ def build_schema(raw: dict, source: str = "<dict>") -> Schema:
     clauses = _build_clauses(raw["clauses"], fields, problems)
     templates = _build_templates(raw["templates"], clauses, fields, problems)
     extra = tuple(_build_form(f, "extra_forms", fields, problems) for f in raw.get("extra_forms") or [])
+    reading = _build_reading(raw.get("reading") or {}, fields, problems)
     if problems:
         raise SchemaError(f"{source}: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return Schema(
@@ -159,6 +197,7 @@ def build_schema(raw: dict, source: str = "<dict>") -> Schema:
         clauses=MappingProxyType(clauses),
         templates=templates,
         extra_forms=extra,
+        reading=reading,
         raw=MappingProxyType(raw),
     )
 
@@ -178,6 +217,57 @@ def _build_fields(raw: dict, problems: list[str]) -> dict[str, Field]:
         aliases = tuple(spec.get("aliases") or ())
         fields[name] = Field(name, spec.get("column", name), spec.get("description", ""), words, aliases)
     return fields
+
+
+def _build_reading(raw: dict, fields: dict[str, Field], problems: list[str]) -> Reading:
+    topics = {name: _build_topic(name, spec or {}, fields, problems) for name, spec in (raw.get("topics") or {}).items()}
+    words = {}
+    for name, values in (raw.get("words") or {}).items():
+        words[name] = {str(v): _strings(w) for v, w in (values or {}).items()}
+        problems += _unknown_values(f"reading.words.{name}", {name: list(words[name])}, fields)
+    implies = {}
+    for name, values in (raw.get("implies") or {}).items():
+        implies[name] = {str(v): {k: str(x) for k, x in (others or {}).items()} for v, others in (values or {}).items()}
+        problems += _unknown_values(f"reading.implies.{name}", {name: list(implies[name])}, fields)
+        problems += [p for others in implies[name].values() for p in _unknown_values(f"reading.implies.{name}",
+                                                                                     {k: [v] for k, v in others.items()}, fields)]
+    lists = {key: _strings(raw.get(key)) for key in ("negations", "negations_after", "breaks", "openers", "ignore", "hedges",
+                                                     "doubts", "contrasts", "exclusions")}
+    problems += [f"reading.{key}: {entry!r} is not text (quote yes, no, on and off in YAML)"
+                 for key in lists for entry in raw.get(key) or () if not isinstance(entry, str)]
+    return Reading(MappingProxyType(topics), MappingProxyType(words), MappingProxyType(implies), **lists)
+
+
+def _build_topic(name: str, spec: dict, fields: dict[str, Field], problems: list[str]) -> Topic:
+    where = f"reading.topics.{name}"
+    topic_fields = _strings(spec.get("fields"))
+    present = {k: str(v) for k, v in (spec.get("present") or {}).items()}
+    absent = {k: str(v) for k, v in (spec.get("absent") or {}).items()}
+    problems += [f"{where}: unknown field {f!r}" for f in topic_fields if f not in fields]
+    problems += _unknown_values(f"{where}.present", {k: [v] for k, v in present.items()}, fields)
+    problems += _unknown_values(f"{where}.absent", {k: [v] for k, v in absent.items()}, fields)
+    names = spec.get("names")
+    if names is not None and names not in fields:
+        problems.append(f"{where}: names unknown field {names!r}")
+    if not _strings(spec.get("nouns")) and names is None:
+        problems.append(f"{where}: no nouns")
+    return Topic(name, topic_fields, _strings(spec.get("nouns")), names, MappingProxyType(present),
+                 MappingProxyType(absent))
+
+
+def _unknown_values(where: str, values: Mapping[str, list[str]], fields: dict[str, Field]) -> list[str]:
+    """Problems for field names or values a ``reading`` entry names that the schema does not have."""
+    problems = []
+    for name, listed in values.items():
+        if name not in fields:
+            problems.append(f"{where}: unknown field {name!r}")
+            continue
+        problems += [f"{where}: {v!r} is not a value of {name}" for v in listed if v not in fields[name].words]
+    return problems
+
+
+def _strings(raw) -> tuple[str, ...]:
+    return tuple(str(w) for w in ([raw] if isinstance(raw, str) else raw or ()))
 
 
 def _build_clauses(raw: dict, fields: dict[str, Field], problems: list[str]) -> dict:
