@@ -5,7 +5,7 @@ The points are ``hemcap.fileio.fault_point`` calls, armed by ``HEMCAP_FAULT_AT``
 ``hemcap.checkpoint``'s docstring). A run saves at steps 2, 4 and 6 and keeps one checkpoint
 besides the best, so the second and third saves prune. Each run is a process forked from a
 forkserver that imported torch, transformers and hemcap once: a fresh interpreter spends ~4 s
-importing, and the 42 runs here take ~0.5 s each once imported. Two run at a time.
+importing, a forked run ~1 s, and there are 42 runs here. Two run at a time.
 """
 
 import concurrent.futures
