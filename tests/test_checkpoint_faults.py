@@ -23,6 +23,9 @@ from hemcap.config import RunConfig
 from hemcap.fileio import FAULT_ENV
 from hemcap.recipes import prepare_synthetic
 
+pytestmark = pytest.mark.skipif("forkserver" not in multiprocessing.get_all_start_methods(),
+                                reason="forks runs from a forkserver (POSIX)")
+
 # Each case: where successive runs are killed; a last, unkilled run with --resume auto follows.
 CASES = [
     ["checkpoint:staged"], ["checkpoint:rng"], ["write:hemcap_model.json"], ["checkpoint:model"],
