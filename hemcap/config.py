@@ -281,6 +281,8 @@ class TrainConfig(_Section):
     """Start afresh even if output_dir holds an earlier run (its checkpoints are removed)."""
     resume: str | None = None
     """auto: continue from the latest checkpoint in output_dir (if any); or a checkpoint dir."""
+    force: bool = False
+    """Resume although settings that change training differ from the checkpoint's (they are refused otherwise)."""
     seed: int = 0
     """Seed for weights, batch order, caption choice and augmentations."""
     batch_size: int = 8
@@ -464,6 +466,7 @@ FLAG_KEYS = {
     "output_dir": {"train.output_dir": None},
     "resume": {"train.resume": None},
     "overwrite": {"train.overwrite": None},
+    "force": {"train.force": None},
     "threads": {"train.threads": None},
 }
 
@@ -523,8 +526,13 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                                         "(sets model.name_or_path, init=pretrained, backend=auto)")
     parser.add_argument("--data", help="prepared dataset dir (data.path)")
     parser.add_argument("--output-dir", help="where checkpoints, logs and the model go (train.output_dir)")
-    parser.add_argument("--resume", help="'auto' (latest checkpoint in the output dir) or a checkpoint dir")
+    parser.add_argument("--resume", help="'auto' (the latest checkpoint in the output dir; a damaged one falls back "
+                                         "to the one before) or a checkpoint dir; refused when settings that change "
+                                         "training differ from the checkpoint's, unless --force")
     parser.add_argument("--overwrite", action="store_true", default=None, help="start afresh in an existing output dir")
+    parser.add_argument("--force", action="store_true", default=None,
+                        help="resume although settings that change training (lr, batch size, seed, schedule, model, "
+                             "data, augmentations, precision...) differ from the checkpoint's (train.force)")
     parser.add_argument("--threads", type=int, help="CPU threads (train.threads; default: the cores no other "
                                                      "process keeps busy, re-read every 30 s)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",

@@ -78,6 +78,7 @@ class Run:
     out: Path
     total_steps: int
     data_meta: dict
+    precision: str = "fp32"  # as resolved: fp32, bf16 or fp16
     state: dict = field(default_factory=dict)  # step, best, history, elapsed_s: saved in checkpoints
     inputs: Prefetcher | None = None  # (rows, model inputs) of a micro-step, perhaps built ahead on a thread
 
@@ -153,6 +154,8 @@ def setup(cfg: RunConfig) -> Run:
     # after Accelerator(): sibling processes have met at its rendezvous, not still importing torch (which reads as busy)
     threads.use_threads(threads.choose_threads(cfg.train.threads, threads.local_processes()))
     resume_dir = _resume_dir(cfg, out, accelerator)
+    if resume_dir is not None:  # before the data and the model: a refusal should come at once
+        check_resume(cfg, resume_dir, {"config": cfg.to_dict(), "precision": precision})
     set_seed(cfg.train.seed)
     dataset, meta, schema = _load_data(cfg, accelerator)
     train_split, val_split = dataset["train"], dataset["val"]
@@ -162,15 +165,19 @@ def setup(cfg: RunConfig) -> Run:
         val = _val_set(cfg, backend, val_split, schema, out)
     optimizer = _optimizer(cfg, backend.model)
     total = _total_steps(cfg, batches)
+    if resume_dir is not None:  # the same config over a changed dataset can still change the schedule
+        check_resume(cfg, resume_dir, {"total_steps": total})
     scheduler = _scheduler(cfg, optimizer, total)
     model, optimizer = accelerator.prepare(backend.model, optimizer)  # the scheduler is stepped by hand
-    run = Run(cfg, accelerator, backend, model, optimizer, scheduler, batches, val, schema, train_ids, out, total, meta)
+    run = Run(cfg, accelerator, backend, model, optimizer, scheduler, batches, val, schema, train_ids, out, total, meta,
+              precision)
     build = functools.partial(micro_inputs, batches, _own_processor(backend).collate)
     run.inputs = _prefetcher(cfg, accelerator, build)
     run.state = {"step": 0, "elapsed_s": 0.0, "best_metric": None, "best_step": None, "evals_since_best": 0,
                  "history": []}
     if resume_dir is not None:
-        run.state.update(checkpoint.load_training_state(resume_dir, optimizer, scheduler, accelerator.process_index))
+        run.state.update(checkpoint.load_training_state(resume_dir, optimizer, scheduler, accelerator.process_index,
+                                                        accelerator.scaler, keep_settings=cfg.train.force))
         log.info("resumed from %s at step %d", resume_dir, run.state["step"])
     _start_logs(run)
     return run
@@ -210,7 +217,8 @@ def _resume_dir(cfg: RunConfig, out: Path, accelerator) -> Path | None:
         if found is None:
             log.info("--resume auto: no checkpoint in %s, starting afresh", checkpoints)
         return found
-    if cfg.train.resume:
+    if cfg.train.resume:  # named by hand: a damaged one is an error, not a reason to pick another
+        checkpoint.verify_checkpoint(cfg.train.resume)
         return Path(cfg.train.resume)
     earlier = [p for p in (checkpoints, out / FINAL_MODEL_DIR, out / LOG_FILE) if p.exists()]
     if earlier and not cfg.train.overwrite:
@@ -221,6 +229,20 @@ def _resume_dir(cfg: RunConfig, out: Path, accelerator) -> Path | None:
             shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     accelerator.wait_for_everyone()
     return None
+
+
+def check_resume(cfg: RunConfig, resume_dir: Path, current: dict) -> None:
+    """Refuse to resume ``resume_dir`` with settings that change training (``checkpoint.resume_changes``)
+    unless ``train.force``; a forced resume logs what it changes."""
+    changes = checkpoint.resume_changes(checkpoint.read_state(resume_dir), current)
+    if not changes:
+        return
+    listing = "".join(f"\n  - {change}" for change in changes)
+    if cfg.train.force:
+        log.warning("--force: resuming %s with other settings:%s", resume_dir, listing)
+        return
+    raise ConfigError(f"{resume_dir} was trained with other settings:{listing}\nresume with its settings, or pass "
+                      "--force (train.force: true) to go on with these")
 
 
 def _load_data(cfg: RunConfig, accelerator):
@@ -504,7 +526,7 @@ def _evaluate_and_save(run: Run) -> bool:
 
 def _save(run: Run) -> None:
     root = run.out / "checkpoints"
-    state = {**run.state, "config": run.cfg.to_dict()}
+    state = {**run.state, "config": run.cfg.to_dict(), "precision": run.precision, "total_steps": run.total_steps}
     run.backend.info.training = _summary(run)  # a checkpoint's model folder knows where it stands
     checkpoint.save_checkpoint(root, run.state["step"], run.backend, run.optimizer, run.scheduler, state,
                                run.accelerator)
@@ -519,7 +541,7 @@ def _start_logs(run: Run) -> None:
     """Config beside the run; the JSONL log cut back to the resumed step; TensorBoard."""
     if run.accelerator.is_main_process:
         run.out.mkdir(parents=True, exist_ok=True)
-        (run.out / "config.yaml").write_text(yaml.safe_dump(run.cfg.to_dict(), sort_keys=False), encoding="utf-8")
+        fileio.write_text(run.out / "config.yaml", yaml.safe_dump(run.cfg.to_dict(), sort_keys=False))
         _truncate_log(run.out / LOG_FILE, run.state["step"])
     run.accelerator.init_trackers("tb")
 
@@ -528,9 +550,17 @@ def _truncate_log(path: Path, step: int) -> None:
     """Drop records after ``step``: a resumed run writes them again."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
+    kept = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines()
+            if _record_step(line) <= step]
     fileio.write_text(path, "".join(line + "\n" for line in kept))
+
+
+def _record_step(line: str) -> float:
+    """The step of a log line; infinite (dropped) for a line a killed run left half-written."""
+    try:
+        return json.loads(line).get("step", 0)
+    except json.JSONDecodeError:
+        return math.inf
 
 
 def _log_training(run: Run, meter: _Meter, bar) -> None:

@@ -1,7 +1,9 @@
 """The trainer on tiny random models and a tiny synthetic set: end to end, resume, NaN stop, output dirs."""
 
 import json
+import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -226,6 +228,120 @@ def test_the_base_takes_the_precision_under_lora_and_adapters_stay_fp32(data, tm
     for name, param in backend.model.named_parameters():
         expected = torch.float32 if param.requires_grad else base_dtype
         assert param.dtype == expected, name
+
+
+# ------------------------------------------------------------------------------ resume: checked, durable
+
+
+def lrs(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    return {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+
+
+def test_a_resume_with_other_settings_is_refused_naming_each(data, tmp_path):
+    from hemcap.config import ConfigError
+
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out, max_steps=2))
+    with pytest.raises(ConfigError) as error:
+        fit(tiny_blip(data, out, max_steps=2, resume="auto", lr=1e-3, batch_size=4, seed=1))
+    message = str(error.value)
+    assert str(out / "checkpoints" / "step-00000002") in message and "--force" in message
+    for change in ("train.lr: 0.002 → 0.001", "train.batch_size: 8 → 4", "train.seed: 0 → 1"):
+        assert change in message
+    with pytest.raises(ConfigError, match="total steps .*: 2 → 4"):  # cosine over 4 steps is another schedule
+        fit(tiny_blip(data, out, max_steps=4, resume="auto"))
+    # where files go, how often it logs, validates and saves, when it stops, how fast: all free
+    fit(tiny_blip(data, out, max_steps=2, resume="auto", log_every=5, eval_every=1, keep_last=1, max_minutes=60,
+                  threads=1, prefetch=0))
+
+
+def test_force_resumes_with_the_new_settings(data, tmp_path, caplog):
+    out = tmp_path / "run"
+    constant = {"schedule": "constant", "warmup_ratio": 0.0}
+    fit(tiny_blip(data, out, **constant))
+    step_2 = out / "checkpoints" / "step-00000002"
+    fit(tiny_blip(data, out, max_steps=6, resume="auto", **constant))  # a constant schedule: longer is no change
+    assert sorted(lrs(out)) == [1, 2, 3, 4, 5, 6]
+    with caplog.at_level(logging.WARNING, logger="hemcap.train"):
+        fit(tiny_blip(data, out, resume=str(step_2), lr=1e-3, force=True, **constant))
+    assert f"--force: resuming {step_2} with other settings" in caplog.text and "train.lr: 0.002 → 0.001" in caplog.text
+    assert lrs(out) == {1: 2e-3, 2: 2e-3, 3: 1e-3, 4: 1e-3}  # the new rate, not the checkpoint's
+
+
+@pytest.fixture(scope="module")
+def straight(data, tmp_path_factory) -> Path:
+    """An uninterrupted run: 4 steps, checkpoints at 2 and 4."""
+    out = tmp_path_factory.mktemp("straight") / "run"
+    fit(tiny_blip(data, out))
+    return out
+
+
+@pytest.mark.parametrize("file, damage", [("optimizer.pt", "empty"), ("model/model.safetensors", "zeroed"),
+                                          ("scheduler.pt", "missing")])
+def test_a_damaged_latest_checkpoint_falls_back_to_the_one_before(data, tmp_path, straight, caplog, file, damage):
+    """What a power cut can leave of files renamed before they reached the disk: empty, zeros, or nothing."""
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out))
+    root = out / "checkpoints"
+    bad = root / "step-00000004" / file
+    if damage == "missing":
+        bad.unlink()
+        assert checkpoint.list_checkpoints(root) == [root / "step-00000002"]  # never listed lacking a file
+    else:
+        bad.write_bytes(b"" if damage == "empty" else bytes(bad.stat().st_size))
+    with caplog.at_level(logging.WARNING, logger="hemcap.checkpoint"):
+        fit(tiny_blip(data, out, resume="auto"))
+    assert str(bad) in caplog.text  # the damaged file, named
+    assert f"resuming from {root / 'step-00000002'} instead of the damaged step-00000004" in caplog.text
+    assert losses(out) == losses(straight)
+    checkpoint.verify_checkpoint(root / "step-00000004")  # saved again, whole
+
+
+def test_a_log_line_cut_by_a_kill_is_dropped_on_resume(data, tmp_path, straight):
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out))
+    shutil.rmtree(out / "checkpoints" / "step-00000004")  # killed after step 4's line, before its checkpoint
+    with open(out / LOG_FILE, "a") as log_file:
+        log_file.write('{"step": 5, "split": "tra')  # ... and in the middle of a line
+    fit(tiny_blip(data, out, resume="auto"))
+    assert losses(out) == losses(straight)
+
+
+def test_checkpoints_from_before_manifests_resume_checked_by_loading(data, tmp_path, straight, caplog):
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out))
+    root = out / "checkpoints"
+    for path in checkpoint.list_checkpoints(root):
+        (path / "manifest.json").unlink(missing_ok=True)  # as hemcap wrote them before
+    bad = root / "step-00000004" / "model" / "model.safetensors"
+    os.truncate(bad, bad.stat().st_size // 2)
+    assert len(checkpoint.list_checkpoints(root)) == 2  # listed: their files are there
+    with caplog.at_level(logging.WARNING, logger="hemcap.checkpoint"):
+        fit(tiny_blip(data, out, resume="auto"))
+    assert f"{bad} does not load" in caplog.text and "instead of the damaged step-00000004" in caplog.text
+    assert losses(out) == losses(straight)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="names a descriptor's file through /proc")
+def test_checkpoints_and_run_files_are_flushed_to_disk_around_their_renames(data, tmp_path, monkeypatch):
+    synced, real_fsync = [], os.fsync
+
+    def recording_fsync(fd):
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    out = tmp_path / "run"
+    fit(tiny_blip(data, out, max_steps=2))
+    root = out / "checkpoints"
+    final = root / "step-00000002"
+    staged = root / ".step-00000002.tmp"  # flushed under its staging name, before the rename
+    files = [p.relative_to(final) for p in final.rglob("*")]
+    assert {staged / f for f in files} | {staged} <= set(synced), "every file and folder of the checkpoint"
+    assert synced.index(root) > synced.index(staged), "its parent after the rename"
+    assert any(p.name.startswith(".model.partial") for p in synced), "the final model, before its rename"
+    assert out in synced, "the folder of config.yaml and the final model, after their renames"
 
 
 # ------------------------------------------------------------------------------ a model knows its schema
