@@ -1,25 +1,13 @@
 """Safe image loading: every bad file becomes an ImageError naming the file, odd modes become 8-bit RGB."""
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from hemcap.images import READABLE, ImageError, check_image, iter_images, load_rgb, probe, square_crop, to_rgb
-
-EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\n%%EndComments\n0 0 moveto 8 8 lineto stroke\nshowpage\n"
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
-            + _png_chunk(b"IEND", b""))
+from hostile import EPS, png
 
 
 def test_missing_file_names_the_path(tmp_path):
@@ -98,7 +86,7 @@ def test_pixel_limit_message_gives_size_and_limit(tmp_path):
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"  # header claims 100k x 100k pixels; a decode would need 30 GB
-    path.write_bytes(_png(100_000, 100_000, 8, 2, b"\x00" * 10))
+    path.write_bytes(png(100_000, 100_000, 8, 2, b"\x00" * 10))
     with pytest.raises(ImageError, match="too large|exceeds the limit") as error:
         load_rgb(path)
     assert "bomb.png" in str(error.value)
@@ -156,7 +144,7 @@ def test_float_image_is_stretched_to_its_range():
 def test_48_bit_rgb_png_reads_as_8_bit(tmp_path):
     path = tmp_path / "rgb48.png"
     pixel = struct.pack(">HHH", 65535, 32768, 0)
-    path.write_bytes(_png(2, 1, 16, 2, b"\x00" + pixel * 2))
+    path.write_bytes(png(2, 1, 16, 2, b"\x00" + pixel * 2))
     assert np.asarray(load_rgb(path))[0, 0].tolist() == [255, 128, 0]
 
 
