@@ -233,7 +233,7 @@ def cell_markdown(report: SmearReport, schema, min_confidence: float) -> str:
 
 
 def build_app(reviewer: Reviewer) -> gr.Blocks:
-    """The page; its ``analyse`` endpoint takes (file, kind, red-cell diameter in px)."""
+    """The page; its ``analyse`` listeners (no API endpoint) take (file, kind, red-cell diameter in px)."""
     with gr.Blocks(title="hemcap · white cell review", analytics_enabled=False,
                    delete_cache=(CLEAN_EVERY_S, MAX_AGE_S)) as app:
         gr.Markdown("## hemcap · white blood cell review", elem_id="title")
@@ -498,7 +498,8 @@ def wait(app: gr.Blocks) -> None:
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, interrupt)
+    if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+        signal.signal(signal.SIGTERM, interrupt)
     app.block_thread()
 
 

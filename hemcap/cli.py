@@ -549,11 +549,12 @@ def _run_eval_smears(args) -> int:
 def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="open the review page: a smear or cell image in, captions and counts out",
                           description="Serve the Gradio review page for a trained model (research use, not for "
-                                      "diagnosis). It binds 127.0.0.1 unless --host says otherwise; a page "
-                                      "other machines can reach (--share, another --host) needs --auth-file. "
-                                      "It reads JPEG, PNG, TIFF, BMP and WebP files up to 20 MB and 12 "
-                                      "megapixels, captions at most 60 cells an image, runs one analysis at a "
-                                      "time, and keeps uploads and reports in a private folder removed on exit.")
+                                      "diagnosis). It binds 127.0.0.1 unless --host says otherwise; a page other "
+                                      "machines can reach (--share, another --host) asks for the logins of "
+                                      "--auth-file and does not start without them. Uploads and reports stay in "
+                                      "a private folder, removed when the demo stops; the image formats and size, "
+                                      "the cells captioned per image and the analyses per visitor are limited "
+                                      "(README, Demo).")
     demo.add_argument("--model", help="trained model dir (default: the newest quickstart run's model)")
     demo.add_argument("--runs-dir", default="runs", help="where to look for quickstart runs without --model")
     demo.add_argument("--host", default="127.0.0.1",

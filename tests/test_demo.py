@@ -450,7 +450,8 @@ def test_a_page_other_machines_reach_needs_logins(reviewer, tiny_blip_dir, tmp_p
     for host, share in (("0.0.0.0", False), ("192.168.1.20", False), ("127.0.0.1", True)):
         with pytest.raises(PermissionError, match="--auth-file"):
             demo_app.logins_for(host, share, None)
-    assert demo_app.logins_for("127.0.0.1", False, None) is None and demo_app.logins_for("localhost", False, None) is None
+    assert demo_app.logins_for("127.0.0.1", False, None) is None
+    assert demo_app.logins_for("localhost", False, None) is None
     with pytest.raises(PermissionError, match="--host 0.0.0.0 would show patient images"):
         demo_app.serve(demo_app.build_app(reviewer), host="0.0.0.0", port=free_port())
     assert main(["demo", "--model", str(tiny_blip_dir), "--share"]) == 2

@@ -1,5 +1,7 @@
 """The real demo in a real browser: `hemcap demo` started as a command on a free port of
-127.0.0.1, driven by headless Chromium (Debian's `chromium` package) through Playwright.
+127.0.0.1, driven by headless Chromium (Debian's `chromium` package) through Playwright: a smear
+upload, then issue 15's hostile uploads one after another, the server going on (one server start;
+its private folder must be 0700 while it runs and gone after SIGTERM).
 
 Needs: apt-get install chromium; pip install playwright (never `playwright install`: the system
 browser is used). Skipped with the reason when either is missing.
@@ -188,10 +190,11 @@ def test_uploaded_smear_shows_overlay_captions_and_count(page, smear, model_dir,
     assert report["image"] == smear.name and len(report["cells"]) == 4 and "not for diagnosis" in report["note"]
 
 
-def test_hostile_uploads_each_get_one_sentence_and_the_page_goes_on(page, smear, tmp_path):
+def test_hostile_uploads_each_get_one_sentence_and_the_page_goes_on(page, tmp_path):
     """Issue 15's uploads, one after another in one tab: each gets one plain sentence naming the file
-    and no server path; then a good smear is analysed as usual."""
-    sentences = {name: f"{name} cannot be analysed: {reason}." for name, reason in write_hostile_files(tmp_path).items()}
+    and no server path; then a bundled example is analysed as usual."""
+    hostile = write_hostile_files(tmp_path)
+    sentences = {name: f"{name} cannot be analysed: {reason}." for name, reason in hostile.items()}
     (tmp_path / "notes.txt").write_text("not a picture")  # refused in the browser by the upload box's file types
     sentences["notes.txt"] = "Invalid file type: notes.txt. Only .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp allowed."
     for name, sentence in sentences.items():
@@ -200,6 +203,6 @@ def test_hostile_uploads_each_get_one_sentence_and_the_page_goes_on(page, smear,
         page.click("#upload button[aria-label=Clear]")  # the box holds one file: clear it for the next
     toasts = page.inner_text("body")
     assert "Traceback" not in toasts and "Errno" not in toasts and "/tmp/" not in toasts
-    page.set_input_files("#upload input[type=file]", str(smear))
+    page.get_by_text("Synthetic smear, 4 white cells").first.click()
     page.wait_for_selector("#overlay img", timeout=RESULT_TIMEOUT_MS)
     assert "4 white cells found" in page.inner_text("#status")
