@@ -215,9 +215,10 @@ def test_one_analysis_waiting_or_running_per_client(page, reviewer, monkeypatch)
     """A second analysis from the same client is refused before it queues; other clients queue as usual."""
     real, running = reviewer.analyse, threading.Event()
 
-    def slow(*args, **kwargs):
-        running.set()
-        time.sleep(1.5)
+    def slow(*args, **kwargs):  # the first analysis only: long enough for the second request to arrive
+        if not running.is_set():
+            running.set()
+            time.sleep(1.0)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(reviewer, "analyse", slow)
