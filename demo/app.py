@@ -477,7 +477,7 @@ def launch(model_dir: str | Path, host: str = "127.0.0.1", port: int | None = No
            auth: list[tuple[str, str]] | None = None) -> gr.Blocks:
     """Load the model once and serve the page; with ``block``, until Ctrl+C or SIGTERM, then remove its
     private folder (without ``block``, the folder goes when the process exits)."""
-    refuse_exposure(host, share, auth)
+    refuse_exposure(host, share, auth)  # before the model loads (serve checks again)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests, one line each
     folder = PrivateFolder()
     try:
