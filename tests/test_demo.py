@@ -213,22 +213,26 @@ def test_uploads_pictures_and_reports_stay_in_the_private_folder(page, folder):
 
 def test_one_analysis_waiting_or_running_per_client(page, reviewer, monkeypatch):
     """A second analysis from the same client is refused before it queues; other clients queue as usual."""
-    real, running = reviewer.analyse, threading.Event()
+    from concurrent.futures import ThreadPoolExecutor
 
-    def slow(*args, **kwargs):  # the first analysis only: long enough for the second request to arrive
+    real, running, go_on = reviewer.analyse, threading.Event(), threading.Event()
+
+    def held(*args, **kwargs):  # the first analysis waits until the test has made its other requests
         if not running.is_set():
             running.set()
-            time.sleep(1.0)
+            go_on.wait(30)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(reviewer, "analyse", slow)
-    first = threading.Thread(target=analyse, args=(page, EXAMPLES / "smear_1.jpg"), kwargs={"session": "a"})
-    first.start()
-    assert running.wait(30)
-    with pytest.raises(PageError, match="still waiting or running"):
-        analyse(page, EXAMPLES / "smear_2.jpg", session="a")
-    assert "white cells found" in analyse(page, EXAMPLES / "smear_2.jpg", session="b")[0]
-    first.join(30)
+    monkeypatch.setattr(reviewer, "analyse", held)
+    with ThreadPoolExecutor(2) as pool:
+        first = pool.submit(analyse, page, EXAMPLES / "smear_1.jpg", session="a")
+        assert running.wait(30)
+        with pytest.raises(PageError, match="still waiting or running"):
+            analyse(page, EXAMPLES / "smear_2.jpg", session="a")
+        other = pool.submit(analyse, page, EXAMPLES / "smear_2.jpg", session="b")
+        time.sleep(0.3)  # b joins the queue behind a
+        go_on.set()
+        assert "white cells found" in first.result(60)[0] and "white cells found" in other.result(60)[0]
     assert "white cells found" in analyse(page, EXAMPLES / "smear_2.jpg", session="a")[0]
 
 

@@ -88,9 +88,13 @@ def model_dir(tiny_blip_dir, tmp_path_factory) -> Path:
 
 
 def private_folder(log: Path) -> Path:
-    """The folder the demo keeps its uploads and reports in, as its start-up line names it."""
-    found = re.search(r"its uploads and reports are in (\S+)", log.read_text())
-    assert found, f"the demo did not name its private folder:\n{log.read_text()[-3000:]}"
+    """The folder the demo keeps its uploads and reports in, as its start-up line names it (printed
+    just after the page starts answering)."""
+    deadline = time.monotonic() + 10
+    while not (found := re.search(r"its uploads and reports are in (\S+)", log.read_text())):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the demo did not name its private folder:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
     return Path(found.group(1))
 
 
