@@ -549,12 +549,21 @@ def _run_eval_smears(args) -> int:
 def _add_demo(sub) -> None:
     demo = sub.add_parser("demo", help="open the review page: a smear or cell image in, captions and counts out",
                           description="Serve the Gradio review page for a trained model (research use, not for "
-                                      "diagnosis). It binds 127.0.0.1 unless --host says otherwise.")
+                                      "diagnosis). It binds 127.0.0.1 unless --host says otherwise; a page other "
+                                      "machines can reach (--share, another --host) asks for the logins of "
+                                      "--auth-file and does not start without them. Uploads and reports stay in "
+                                      "a private folder, removed when the demo stops; the image formats and size, "
+                                      "the cells captioned per image and the analyses per visitor are limited "
+                                      "(README, Demo).")
     demo.add_argument("--model", help="trained model dir (default: the newest quickstart run's model)")
     demo.add_argument("--runs-dir", default="runs", help="where to look for quickstart runs without --model")
-    demo.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 opens it to the network)")
+    demo.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (0.0.0.0 opens it to the network: needs --auth-file)")
     demo.add_argument("--port", type=int, default=7860)
-    demo.add_argument("--share", action="store_true", help="also make a public gradio.live link (off by default)")
+    demo.add_argument("--share", action="store_true",
+                      help="also make a public gradio.live link (off by default; needs --auth-file)")
+    demo.add_argument("--auth-file", metavar="FILE",
+                      help="logins the page asks for: one user:password a line (# comments); keep it chmod 600")
     demo.add_argument("--detector", metavar="DIR",
                       help="a learned detector (hemcap train-detector's output) instead of the stain detector")
     _add_device(demo)
@@ -566,12 +575,16 @@ def _run_demo(args) -> int:
     from hemcap.review import resolve_model_dir
 
     model_dir, origin = resolve_model_dir(args.model, args.runs_dir)  # refuse before loading anything heavy
-    print(origin, flush=True)
     app = _import_demo_app()
+    try:
+        logins = app.logins_for(args.host, args.share, args.auth_file)
+    except (OSError, ValueError) as error:  # no logins for an exposed page, or an unreadable file of them
+        raise UserError(str(error)) from None
+    print(origin, flush=True)
     _use_threads(args)
     try:
         app.launch(model_dir, host=args.host, port=args.port, share=args.share, device=args.device,
-                   detector_dir=args.detector)
+                   detector_dir=args.detector, auth=logins)
     except OSError as error:
         raise UserError(str(error)) from error
     return 0

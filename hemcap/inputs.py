@@ -40,7 +40,7 @@ from PIL import Image
 
 from hemcap.config import AugmentConfig
 from hemcap.fileio import atomic_path
-from hemcap.images import model_pixels, model_sized
+from hemcap.images import IMAGE_FORMATS, model_pixels, model_sized
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ def _decode_one(item: dict, size: tuple[int, int], transform: Transform | None) 
                                                                                          str | None]:
     try:
         source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
-        with Image.open(source) as image:
+        with Image.open(source, formats=tuple(IMAGE_FORMATS)) as image:  # no EPS: it would run Ghostscript
             if transform is None:
                 return model_pixels(image, size), None  # the resize evaluation and captioning use too
             return model_pixels(transform(model_sized(image, size)), size), None

@@ -1,5 +1,7 @@
 """The real demo in a real browser: `hemcap demo` started as a command on a free port of
-127.0.0.1, driven by headless Chromium (Debian's `chromium` package) through Playwright.
+127.0.0.1, driven by headless Chromium (Debian's `chromium` package) through Playwright: a smear
+upload, then issue 15's hostile uploads one after another, the server going on (one server start;
+its private folder must be 0700 while it runs and gone after SIGTERM).
 
 Needs: apt-get install chromium; pip install playwright (never `playwright install`: the system
 browser is used). Skipped with the reason when either is missing.
@@ -12,13 +14,17 @@ The tests run a tiny random model. To picture a trained one, as docs/demo_screen
 
 import json
 import os
+import re
 import socket
+import stat
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from hostile import write_hostile_files
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -81,9 +87,21 @@ def model_dir(tiny_blip_dir, tmp_path_factory) -> Path:
     return model
 
 
+def private_folder(log: Path) -> Path:
+    """The folder the demo keeps its uploads and reports in, as its start-up line names it (printed
+    just after the page starts answering)."""
+    deadline = time.monotonic() + 10
+    while not (found := re.search(r"its uploads and reports are in (\S+)", log.read_text())):
+        if time.monotonic() > deadline:
+            pytest.fail(f"the demo did not name its private folder:\n{log.read_text()[-3000:]}")
+        time.sleep(0.1)
+    return Path(found.group(1))
+
+
 @pytest.fixture(scope="module")
 def demo_url(model_dir, tmp_path_factory):
-    """`hemcap demo --model <tiny model> --port <free>` running as a separate process."""
+    """`hemcap demo --model <tiny model> --port <free>` running as a separate process; stopped with
+    SIGTERM, it must remove its private folder."""
     port = free_port()
     log = tmp_path_factory.mktemp("demo_log") / "demo.log"
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
@@ -93,6 +111,8 @@ def demo_url(model_dir, tmp_path_factory):
     url = f"http://127.0.0.1:{port}/"
     try:
         wait_until_served(url, server, log)
+        folder = private_folder(log)
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
         yield url
     finally:
         server.terminate()
@@ -100,6 +120,7 @@ def demo_url(model_dir, tmp_path_factory):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+    assert not folder.exists(), f"SIGTERM left the demo's private folder {folder}:\n{log.read_text()[-3000:]}"
 
 
 @pytest.fixture(scope="module")
@@ -173,13 +194,19 @@ def test_uploaded_smear_shows_overlay_captions_and_count(page, smear, model_dir,
     assert report["image"] == smear.name and len(report["cells"]) == 4 and "not for diagnosis" in report["note"]
 
 
-def test_non_image_upload_shows_one_friendly_line(page, tmp_path):
-    text = tmp_path / "notes.txt"
-    text.write_text("not a picture")
-    page.set_input_files("#upload input[type=file]", str(text))
-    toast = page.get_by_text("cannot be analysed", exact=False).first
-    toast.wait_for(timeout=RESULT_TIMEOUT_MS)
-    body = page.inner_text("body")
-    assert "not an image file" in body
-    assert "Traceback" not in body and str(tmp_path) not in body and "/tmp/" not in body
-
+def test_hostile_uploads_each_get_one_sentence_and_the_page_goes_on(page, tmp_path):
+    """Issue 15's uploads, one after another in one tab: each gets one plain sentence naming the file
+    and no server path; then a bundled example is analysed as usual."""
+    hostile = write_hostile_files(tmp_path)
+    sentences = {name: f"{name} cannot be analysed: {reason}." for name, reason in hostile.items()}
+    (tmp_path / "notes.txt").write_text("not a picture")  # refused in the browser by the upload box's file types
+    sentences["notes.txt"] = "Invalid file type: notes.txt. Only .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp allowed."
+    for name, sentence in sentences.items():
+        page.set_input_files("#upload input[type=file]", str(tmp_path / name))
+        page.get_by_text(sentence, exact=True).wait_for(timeout=RESULT_TIMEOUT_MS)
+        page.click("#upload button[aria-label=Clear]")  # the box holds one file: clear it for the next
+    toasts = page.inner_text("body")
+    assert "Traceback" not in toasts and "Errno" not in toasts and "/tmp/" not in toasts
+    page.get_by_text("Synthetic smear, 4 white cells").first.click()
+    page.wait_for_selector("#overlay img", timeout=RESULT_TIMEOUT_MS)
+    assert "4 white cells found" in page.inner_text("#status")

@@ -1,23 +1,13 @@
 """Safe image loading: every bad file becomes an ImageError naming the file, odd modes become 8-bit RGB."""
 
 import struct
-import zlib
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from hemcap.images import ImageError, check_image, iter_images, load_rgb, probe, square_crop
-
-
-def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-
-def _png(width: int, height: int, bit_depth: int, colour_type: int, rows: bytes) -> bytes:
-    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", zlib.compress(rows))
-            + _png_chunk(b"IEND", b""))
+from hemcap.images import READABLE, ImageError, check_image, iter_images, load_rgb, probe, square_crop, to_rgb
+from hostile import EPS, png
 
 
 def test_missing_file_names_the_path(tmp_path):
@@ -33,6 +23,49 @@ def test_text_file_is_not_an_image(tmp_path):
         load_rgb(path)
 
 
+def test_eps_named_png_never_reaches_the_eps_reader(tmp_path, monkeypatch):
+    """Pillow's EPS reader runs Ghostscript on the file; only JPEG, PNG, TIFF, BMP and WebP are tried."""
+    Image.init()
+    factory, accept = Image.OPEN["EPS"]
+    opened = []
+    monkeypatch.setitem(Image.OPEN, "EPS", (lambda *args: opened.append(args) or factory(*args), accept))
+    path = tmp_path / "evil.png"
+    path.write_bytes(EPS)
+    with pytest.raises(ImageError) as error:
+        load_rgb(path)
+    assert opened == []
+    assert error.value.plain == f"its content is EPS, not {READABLE}" and "evil.png" in str(error.value)
+
+
+def test_other_pillow_formats_are_refused_by_name(tmp_path):
+    path = tmp_path / "cells.gif"
+    Image.new("P", (8, 8)).save(path)
+    with pytest.raises(ImageError, match="its content is GIF, not JPEG, PNG, TIFF, BMP or WebP"):
+        load_rgb(path)
+
+
+def test_empty_file_says_so(tmp_path):
+    path = tmp_path / "empty.jpg"
+    path.touch()
+    with pytest.raises(ImageError, match=r"empty.jpg: an empty file \(0 bytes\)$"):
+        load_rgb(path)
+
+
+def test_system_error_is_plain_and_pathless(tmp_path):
+    """A socket opens with ENXIO: the reason is the system's words without the path it carries."""
+    import socket
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory(dir="/tmp") as short:  # a socket path has at most 107 bytes
+        path = Path(short) / "upload.png"
+        with socket.socket(socket.AF_UNIX) as server:
+            server.bind(str(path))
+            with pytest.raises(ImageError) as error:
+                load_rgb(path)
+    assert error.value.plain == "cannot be read (no such device or address)" and short not in error.value.reason
+
+
 def test_truncated_jpeg_is_reported(tmp_path):
     path = tmp_path / "cut.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), np.uint8)).save(path, quality=95)
@@ -40,6 +73,7 @@ def test_truncated_jpeg_is_reported(tmp_path):
     with pytest.raises(ImageError, match="corrupt or truncated") as error:
         load_rgb(path)
     assert error.value.path == str(path)
+    assert error.value.plain == "corrupt or truncated image" and error.value.detail  # Pillow's words: logs only
     assert check_image(path) and "cut.jpg" in check_image(path)[0]
 
 
@@ -52,10 +86,11 @@ def test_pixel_limit_message_gives_size_and_limit(tmp_path):
 
 def test_decompression_bomb_refused_before_decoding(tmp_path):
     path = tmp_path / "bomb.png"  # header claims 100k x 100k pixels; a decode would need 30 GB
-    path.write_bytes(_png(100_000, 100_000, 8, 2, b"\x00" * 10))
+    path.write_bytes(png(100_000, 100_000, 8, 2, b"\x00" * 10))
     with pytest.raises(ImageError, match="too large|exceeds the limit") as error:
         load_rgb(path)
     assert "bomb.png" in str(error.value)
+    assert error.value.plain == "too large to open safely (the limit is 40,000,000 pixels)"
 
 
 def test_grayscale_becomes_rgb_with_a_note(tmp_path):
@@ -75,10 +110,41 @@ def test_16_bit_grayscale_uses_its_bit_depth(tmp_path):
     assert np.asarray(load_rgb(twelve))[0, :, 0].tolist() == [0, 128, 255]
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I;16B"])
+def test_16_bit_tiff_is_scaled_exactly(tmp_path, mode):
+    values = np.array([[0, 1, 2047, 2048, 4094, 4095], [0, 257, 32767, 32768, 65534, 65535]], np.uint16)
+    for row, high in zip(values, (4095, 65535)):  # 12-bit camera data, then full 16-bit
+        path = tmp_path / f"{high}.tif"
+        Image.frombytes(mode, (row.size, 1), row.astype(">u2" if mode == "I;16B" else "<u2").tobytes()).save(path)
+        with Image.open(path) as saved:
+            assert saved.mode == mode
+        expected = np.floor(row / high * 255.0 + 0.5)
+        assert np.asarray(load_rgb(path))[0, :, 1].tolist() == expected.tolist()
+
+
+def test_16_bit_conversion_needs_a_few_bytes_per_pixel():
+    """The float64 arithmetic it replaced took 24 bytes per pixel of numpy memory: 1.3 GB at 40 MP."""
+    import tracemalloc
+
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 65536, (1000, 2000), dtype=np.uint16))
+    tracemalloc.start()
+    try:
+        to_rgb(image)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak / 2_000_000 < 6
+
+
+def test_float_image_is_stretched_to_its_range():
+    image = Image.fromarray(np.array([[-1.0, 0.0, 1.0]], np.float32))
+    assert np.asarray(to_rgb(image))[0, :, 0].tolist() == [0, 128, 255]
+
+
 def test_48_bit_rgb_png_reads_as_8_bit(tmp_path):
     path = tmp_path / "rgb48.png"
     pixel = struct.pack(">HHH", 65535, 32768, 0)
-    path.write_bytes(_png(2, 1, 16, 2, b"\x00" + pixel * 2))
+    path.write_bytes(png(2, 1, 16, 2, b"\x00" + pixel * 2))
     assert np.asarray(load_rgb(path))[0, 0].tolist() == [255, 128, 0]
 
 

@@ -43,6 +43,21 @@ def test_decode_resizes_once_skips_bad_images_and_caches(split, tmp_path, caplog
     assert torch.equal(again, pixels) and rows_again == rows
 
 
+def test_decode_reads_only_the_image_formats_of_hemcap_images(tmp_path, caplog):
+    """A GIF decodes in Pillow but is not one of ours: the row is skipped, as an EPS would be
+    (Pillow's EPS reader runs Ghostscript on the file)."""
+    import datasets
+
+    gif = io.BytesIO()
+    Image.new("RGB", (20, 10), (0, 255, 0)).save(gif, format="GIF")
+    images = [{"bytes": png((255, 0, 0)), "path": None}, {"bytes": gif.getvalue(), "path": None}]
+    features = datasets.Features({"id": datasets.Value("string"), "image": datasets.Image()})
+    split = datasets.Dataset.from_dict({"id": ["png", "gif"], "image": images}, features=features)
+    with caplog.at_level(logging.WARNING):
+        _, rows = decode_split(split, (16, 8), None)
+    assert rows == [0] and "id gif" in caplog.text and "UnidentifiedImageError" in caplog.text
+
+
 def test_the_cache_is_memory_mapped_not_read_into_memory(split, tmp_path):
     first, rows = map_split(split, (16, 8), tmp_path)
     again, rows_again = map_split(split, (16, 8), tmp_path)

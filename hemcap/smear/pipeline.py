@@ -7,6 +7,8 @@ cells whose caption contradicts itself, names no cell type, or states an attribu
 confidence below ``min_confidence``. For a captioner that records its training domain
 (``hemcap.domain``) each cell is cropped over the training field at the image's red-cell size, and
 the report says how far the image sits from the training images, with a warning past the limits. ``hemcap.smear.batch.process_images`` runs it over folders.
+``max_cells`` caps the cells captioned per image (the demo's limit), keeping the highest-scoring
+ones, and says so in the report's notes.
 
 ``run_auto`` decides whether an image is a smear or a crop of one cell, from the image's shape and
 what the detector finds (``looks_like_cell``):
@@ -50,6 +52,7 @@ CENTRED_CELL_SPAN = 0.30  # rule 3: box side / image side ...
 CENTRE_TOLERANCE = 0.15  # ... box centre's offset from the image centre, share of the side
 OTHER_CELL_SCORE = 0.5  # ... and no other whole cell scoring this much (PBC crop fragments: 0.05-0.12)
 DEFAULT_CROP_SIZE = 384  # BLIP-base's input side, for an engine that does not say its own
+CAPPED = "captioned the first {kept} of {found} white cells found (by detector score): the count covers those {kept}"
 BOX_CROPS = ("crops framed by each cell's box: the smear's magnification is a guess, so cell sizes are too "
              "(give --red-cell-px)")
 
@@ -58,7 +61,8 @@ class SmearPipeline:
     """Detector + captioner: ``SmearPipeline(engine).run(smear)`` -> ``SmearReport``."""
 
     def __init__(self, engine, detector: Detector | None = None, crop_size: int | None = None,
-                 margin: float = 0.6, min_confidence: float = 0.5, red_cell_px: float | None = None):
+                 margin: float = 0.6, min_confidence: float = 0.5, red_cell_px: float | None = None,
+                 max_cells: int | None = None):
         problems = []
         if crop_size is not None and crop_size < 1:
             problems.append(f"crop_size must be >= 1, got {crop_size}")
@@ -68,6 +72,8 @@ class SmearPipeline:
             problems.append(f"min_confidence must be in [0, 1], got {min_confidence}")
         if red_cell_px is not None and not red_cell_px > 0:
             problems.append(f"red_cell_px must be > 0 (the red-cell diameter in pixels), got {red_cell_px}")
+        if max_cells is not None and max_cells < 1:
+            problems.append(f"max_cells must be >= 1, got {max_cells}")
         if problems:
             raise ValueError("SmearPipeline: " + "; ".join(problems))
         self.engine = engine
@@ -76,6 +82,7 @@ class SmearPipeline:
         self.margin = margin
         self.min_confidence = min_confidence
         self.red_cell_px = red_cell_px  # None: measured on each image
+        self.max_cells = max_cells  # None: every cell found is captioned
         self.domain = getattr(engine, "domain", None)  # the captioner's training magnification and colour
         schema = engine.schema
         self.cell_type_field = schema.cell_type_field if schema.targets else None
@@ -137,12 +144,21 @@ class SmearPipeline:
         field = self._field(red_cells)
         if not field and detections and self.domain is not None and self.domain.red_cell_px:
             notes.append(BOX_CROPS)
+        detections = self._capped(detections, notes)
         crops = crop_cells(image, detections, self.crop_size, self.margin, field)
         captions = self.engine.caption(crops)
         cells = [self._cell(number, detection, caption, crop)
                  for number, (detection, caption, crop) in enumerate(zip(detections, captions, crops), 1)]
         return self._report(name, image.size, cells, notes, "smear", red_cells,
                             self._domain_report(crops, captions, field, red_cells.origin == "default"))
+
+    def _capped(self, detections: list[Detection], notes: list[str]) -> list[Detection]:
+        """The ``max_cells`` detections of highest score, in the detector's order, with a note when some are left."""
+        if self.max_cells is None or len(detections) <= self.max_cells:
+            return detections
+        notes.append(CAPPED.format(kept=self.max_cells, found=len(detections)))
+        best = sorted(range(len(detections)), key=lambda i: -detections[i].score)[:self.max_cells]
+        return [detections[i] for i in sorted(best)]
 
     def _field(self, red_cells: RedCellSize) -> float | None:
         """The training field of view in this image's pixels; None when its magnification is a guess."""
