@@ -8,8 +8,11 @@ vocabulary lives here. Reading a text:
 1. Tokens: lower case, no articles, one spelling; ``. ! ?`` and line breaks end a sentence, other
    punctuation and the schema's break words ("and", "but", "with") end a clause.
 2. One leftmost-longest pass of a trie-shaped regular expression finds the terms: phrases, value
-   words, topic nouns ("nucleus", "granules"), negations ("no", "without"; "absent" after its noun)
-   and phrases read as nothing ("toxic granulation"), so no word inside them is read.
+   words, topic nouns ("nucleus", "granules"), negations ("no", "without"; "absent" after its noun),
+   hedges and doubts ("possibly", "can't be excluded"), contrasts and exclusions ("unlike", "rather
+   than") and phrases read as nothing ("toxic granulation"), so no word inside them is read.
+   Sentence parts in doubt or about other things, a hedged clause (and what commas join to it), and
+   what a contrast or exclusion names are dropped before reading.
 3. In each clause a phrase states its values and a noun its topic's ``present`` values; a value
    word states the value of the field its nearest topic can take (a noun of other things, "red
    cells", takes it and states nothing); a word of one field only needs no topic unless its clause
@@ -95,7 +98,7 @@ def expand(text: str) -> list[str]:
 
 # ------------------------------------------------------------------------------ the lexicon
 
-# Kinds of term; from BREAK on they structure the text rather than state anything.
+# Kinds of term; from COLON on they structure the text (punctuation, break words) rather than state anything.
 (PHRASE, WORD, NOUN, NEGATION, NEGATION_AFTER, IGNORE, HEDGE, DOUBT, CONTRAST, EXCLUSION, OR, COLON, BREAK, OPENER,
  SEMICOLON, COMMA, QUESTION, SENTENCE) = range(18)
 AHEAD = -1  # the position of a topic taken from the clause after: "round, | unsegmented nucleus"
@@ -173,10 +176,10 @@ def _reading_terms(schema: Schema, nouns) -> Iterator[tuple[str, Term]]:
     for kind, entries in ((NEGATION, reading.negations), (NEGATION_AFTER, reading.negations_after),
                           (IGNORE, reading.ignore), (BREAK, reading.breaks), (HEDGE, reading.hedges),
                           (DOUBT, reading.doubts), (CONTRAST, reading.contrasts), (EXCLUSION, reading.exclusions),
-                          (OPENER, reading.openers)):
+                          (OPENER, reading.openers), (OR, reading.alternatives)):
         yield from ((normalize(p), Term(kind)) for entry in entries for p in expand(entry))
-    yield from (("or", Term(OR)), ("nor", Term(OR)), (";", Term(SEMICOLON)), (",", Term(COMMA)), (":", Term(COLON)),
-                ("?", Term(QUESTION)), (".", Term(SENTENCE)))
+    yield from ((";", Term(SEMICOLON)), (",", Term(COMMA)), (":", Term(COLON)), ("?", Term(QUESTION)),
+                (".", Term(SENTENCE)))
     yield from ((phrase, Term(NOUN, states=states, topic=topic)) for phrase, (topic, states) in nouns.items())
     for name in schema.fields:
         yield from ((phrase, Term(WORD, options=((name, value),))) for phrase, value in _value_words(schema, name))
@@ -300,34 +303,31 @@ class Parser:
 
 def _collect(schema: Schema, readings, explain: bool = False) -> ParsedAttributes:
     """Field -> value from ``(field, value, where)`` readings; two values for a field are a contradiction."""
-    values = dict.fromkeys(schema.field_names)
-    clashes: dict[str, set[str]] = {}
-    spans: dict[str, list] = {}
+    values, clashes, spans = dict.fromkeys(schema.field_names), {}, {}
     for field_, value, where in readings:
         if explain:
             spans.setdefault(field_, []).append(where)
-        first = values[field_]
-        if first is None and field_ not in clashes:
-            values[field_] = value
-        elif first != value:
-            clashes.setdefault(field_, {first} - {None}).add(value)
-            values[field_] = None
+        _settle(values, clashes, field_, value)
     return ParsedAttributes(values, {f: tuple(sorted(v)) for f, v in clashes.items()}, spans)
 
 
 def _collect_plain(schema: Schema, plain: list) -> ParsedAttributes:
-    """``_collect`` for the states of phrases alone: the template captions' hot path, inlined."""
-    values = dict.fromkeys(schema.field_names)
-    clashes: dict[str, set[str]] = {}
+    """``_collect`` for the states of phrases alone: the template captions' hot path, no generators."""
+    values, clashes = dict.fromkeys(schema.field_names), {}
     for states in plain:
         for field_, value in states:
-            first = values[field_]
-            if first is None and field_ not in clashes:
-                values[field_] = value
-            elif first != value:
-                clashes.setdefault(field_, {first} - {None}).add(value)
-                values[field_] = None
-    return ParsedAttributes(values, {f: tuple(sorted(v)) for f, v in clashes.items()} if clashes else {})
+            _settle(values, clashes, field_, value)
+    return ParsedAttributes(values, {f: tuple(sorted(v)) for f, v in clashes.items()})
+
+
+def _settle(values: dict, clashes: dict, field_: str, value: str) -> None:
+    """Record ``field_ = value``; a second, different value makes the field a contradiction (None)."""
+    first = values[field_]
+    if first is None and field_ not in clashes:
+        values[field_] = value
+    elif first != value:
+        clashes.setdefault(field_, {first} - {None}).add(value)
+        values[field_] = None
 
 
 # ------------------------------------------------------------------------------ reading clauses

@@ -89,6 +89,7 @@ class Reading:
     negations_after: tuple[str, ...] = ()  # after it: "absent", "not seen"
     breaks: tuple[str, ...] = ()  # words that end a clause as a comma does: "and", "but"
     openers: tuple[str, ...] = ()  # words that end a clause and open a noun phrase: "with"
+    alternatives: tuple[str, ...] = ()  # what joins denied things: "no vacuoles or granules"
     ignore: tuple[str, ...] = ()  # phrases read as nothing, so no word inside them is: "toxic granulation"
     hedges: tuple[str, ...] = ()  # a clause holding one states nothing: "possibly", "may be"
     doubts: tuple[str, ...] = ()  # a sentence holding one states nothing: "cannot be excluded", "if"
@@ -219,23 +220,35 @@ def _build_fields(raw: dict, problems: list[str]) -> dict[str, Field]:
     return fields
 
 
+READING_LISTS = ("negations", "negations_after", "breaks", "openers", "alternatives", "ignore", "hedges", "doubts",
+                 "contrasts", "exclusions")
+
+
 def _build_reading(raw: dict, fields: dict[str, Field], problems: list[str]) -> Reading:
     topics = {name: _build_topic(name, spec or {}, fields, problems) for name, spec in (raw.get("topics") or {}).items()}
+    lists = {key: _strings(raw.get(key)) for key in READING_LISTS}
+    problems += [f"reading.{key}: {entry!r} is not text (quote yes, no, on and off in YAML)"
+                 for key in lists for entry in raw.get(key) or () if not isinstance(entry, str)]
+    return Reading(MappingProxyType(topics), MappingProxyType(_reading_words(raw, fields, problems)),
+                   MappingProxyType(_reading_implies(raw, fields, problems)), **lists)
+
+
+def _reading_words(raw: dict, fields: dict[str, Field], problems: list[str]) -> dict:
     words = {}
     for name, values in (raw.get("words") or {}).items():
         words[name] = {str(v): _strings(w) for v, w in (values or {}).items()}
         problems += _unknown_values(f"reading.words.{name}", {name: list(words[name])}, fields)
+    return words
+
+
+def _reading_implies(raw: dict, fields: dict[str, Field], problems: list[str]) -> dict:
     implies = {}
     for name, values in (raw.get("implies") or {}).items():
         implies[name] = {str(v): {k: str(x) for k, x in (others or {}).items()} for v, others in (values or {}).items()}
         problems += _unknown_values(f"reading.implies.{name}", {name: list(implies[name])}, fields)
-        problems += [p for others in implies[name].values() for p in _unknown_values(f"reading.implies.{name}",
-                                                                                     {k: [v] for k, v in others.items()}, fields)]
-    lists = {key: _strings(raw.get(key)) for key in ("negations", "negations_after", "breaks", "openers", "ignore", "hedges",
-                                                     "doubts", "contrasts", "exclusions")}
-    problems += [f"reading.{key}: {entry!r} is not text (quote yes, no, on and off in YAML)"
-                 for key in lists for entry in raw.get(key) or () if not isinstance(entry, str)]
-    return Reading(MappingProxyType(topics), MappingProxyType(words), MappingProxyType(implies), **lists)
+        for others in implies[name].values():
+            problems += _unknown_values(f"reading.implies.{name}", {k: [v] for k, v in others.items()}, fields)
+    return implies
 
 
 def _build_topic(name: str, spec: dict, fields: dict[str, Field], problems: list[str]) -> Topic:
