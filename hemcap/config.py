@@ -152,6 +152,8 @@ class ModelConfig(_Section):
     """Recompute activations in the backward pass (non-reentrant, so it works with LoRA)."""
     label_smoothing: float = 0.0
     """Label smoothing of the caption loss (blip)."""
+    attribute_loss: float = 0.0
+    """blip: weight of an auxiliary loss, a linear head per attribute on the image's [CLS] feature; 0: none."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of name_or_path."""
     trust_remote_code: bool = False
@@ -164,6 +166,7 @@ class ModelConfig(_Section):
         problems += _one_of("init", self.init, ("pretrained", "scratch"))
         problems += _positive(self, "vocab_size", "max_length")
         problems += _in_range(self, "label_smoothing", 0.0, 1.0)
+        problems += _in_range(self, "attribute_loss", 0.0, 100.0)
         if self.init == "scratch" and self.backend == "auto":
             problems.append("backend: init=scratch needs an explicit backend (blip or chat)")
         if self.init == "pretrained" and not self.name_or_path:

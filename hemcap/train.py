@@ -423,7 +423,7 @@ def train_step(run: Run, step: int) -> float:
         inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
         sync = accelerator.no_sync(run.model) if k < accum - 1 else contextlib.nullcontext()
         with sync:
-            loss = run.model(**inputs).loss
+            loss = run.backend.training_loss(run.model, inputs)
             if not torch.isfinite(loss):
                 ids = [run.train_ids[r] for r in rows]
                 raise NonFiniteLoss(f"loss is {loss.item()} at step {step} (micro-batch {micro}); "

@@ -245,6 +245,52 @@ def test_an_adapter_loads_from_safetensors_only(captions, tmp_path):
         load_trained(folder)
 
 
+
+# ------------------------------------------------------------------------------ attribute heads
+
+
+def test_attribute_heads_add_their_loss_and_learn_the_captions_attributes(captions):
+    from hemcap.captions import parse
+    from hemcap.models.heads import heads_of
+
+    torch.manual_seed(0)
+    backend = load_backend(blip_config(attribute_loss=0.5), captions)
+    batch = backend.collate(rows(captions, n=4), train=True)
+    schema = backend.schema
+    expected = [[schema.values(f).index(v) for f, v in parse(c).items()] for c in captions[:4]]
+    assert batch["attribute_labels"].tolist() == expected  # read back from the training captions
+    caption_only = backend.model(**{k: v for k, v in batch.items() if k != "attribute_labels"}).loss
+    heads = heads_of(backend.model)
+    loss = backend.training_loss(backend.model, dict(batch))
+    pooled = backend.model.vision_model(pixel_values=batch["pixel_values"])[0][:, 0]
+    assert torch.allclose(loss, caption_only + 0.5 * heads.loss(pooled, batch["attribute_labels"]), atol=1e-5)
+    loss.backward()
+    assert heads.linear["nucleus_shape"].weight.grad.abs().sum() > 0
+    assert backend.model.vision_model.embeddings.patch_embedding.weight.grad.abs().sum() > 0
+
+
+def test_attribute_heads_are_saved_beside_a_plain_model_and_restored(captions, tmp_path):
+    from transformers import BlipForConditionalGeneration
+
+    from hemcap.models.heads import HEADS_FILE, heads_of
+
+    backend = load_backend(blip_config(attribute_loss=1.0), captions)
+    backend.save(tmp_path / "m")
+    assert (tmp_path / "m" / HEADS_FILE).is_file() and heads_of(backend.model) is not None
+    reloaded = load_trained(tmp_path / "m")
+    assert reloaded.info.attribute_heads["fields"]["nucleus_shape"] == 6
+    for name, tensor in heads_of(backend.model).state_dict().items():
+        assert torch.equal(heads_of(reloaded.model).state_dict()[name], tensor)
+    plain = BlipForConditionalGeneration.from_pretrained(tmp_path / "m")  # no unknown keys in its weights
+    assert not hasattr(plain, "attribute_heads")
+    (tmp_path / "m" / HEADS_FILE).unlink()
+    with pytest.raises(FileNotFoundError):
+        load_trained(tmp_path / "m")
+    from hemcap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.attribute_loss=-1.0 should be between 0.0 and 100.0"):
+        blip_config(attribute_loss=-1.0)
+
 # ------------------------------------------------------------------------------ QLoRA
 
 

@@ -170,6 +170,14 @@ class BaseBackend:
         write_model_info(out_dir, self.info)  # last: a folder with its info is complete
         return out_dir
 
+    def training_loss(self, model, batch: dict):
+        """The loss of one training batch (``collate(rows, train=True)``) through ``model``, the
+        backend's model as ``accelerate`` prepared it."""
+        return model(**batch).loss
+
+    def restore(self, folder: str | Path) -> None:
+        """Rebuild what a saved folder holds beyond the transformers model (after ``load_trained``)."""
+
     def save_base(self, out_dir: str | Path) -> None:
         """Save a scratch base before LoRA wraps it: its adapter is useless without these weights."""
         self.save(out_dir)

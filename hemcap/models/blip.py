@@ -9,7 +9,9 @@ WordPiece tokenizer trained on the training captions.
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from hemcap.models.base import IGNORE_INDEX, BaseBackend, ModelError, load_hf_model, model_device, token_logprobs
@@ -50,9 +52,44 @@ class BlipBackend(BaseBackend):
         return load_hf_model(BlipForConditionalGeneration, name_or_path, dtype, quantize, revision, trust_remote_code)
 
     def configure(self, cfg: ModelConfig) -> None:
+        from hemcap.models import heads
+
         self.check_special_tokens()
         self.model.text_decoder.label_smoothing = cfg.label_smoothing  # read at init; set it for loaded models too
+        if cfg.attribute_loss and heads.heads_of(self.model) is None:
+            hidden = self.model.config.vision_config.hidden_size
+            self.info.attribute_heads = heads.attach(self.model, hidden, self.schema, cfg.attribute_loss)
         super().configure(cfg)
+
+    @functools.cached_property
+    def schema(self):
+        return self.info.schema_object()
+
+    def save(self, out_dir):
+        """Weights, processor and info as every backend saves them; the attribute heads beside them."""
+        from hemcap.models import heads
+
+        with heads.detached(self.model) as attached:
+            if attached is not None:
+                Path(out_dir).mkdir(parents=True, exist_ok=True)
+                heads.save(attached, out_dir)  # before the info, which is written last
+            return super().save(out_dir)
+
+    def restore(self, folder) -> None:
+        from hemcap.models import heads
+
+        if self.info.attribute_heads:
+            heads.restore(self.model, folder, self.info.attribute_heads)
+
+    def training_loss(self, model, batch: dict):
+        """The caption loss, plus ``attribute_loss`` times the attribute heads' on the [CLS] feature."""
+        from hemcap.models import heads
+
+        labels = batch.pop("attribute_labels", None)
+        out = model(**batch)
+        if labels is None:
+            return out.loss
+        return out.loss + self.info.attribute_heads["weight"] * heads.heads_of(model).loss(out.image_embeds[:, 0], labels)
 
     def check_special_tokens(self) -> None:
         """BLIP starts from bos_token_id, stops at sep_token_id and pads with pad_token_id: all must be the tokenizer's."""
@@ -79,6 +116,10 @@ class BlipBackend(BaseBackend):
         input_ids[:, 0] = self.model.config.text_config.bos_token_id  # generate() starts from it too
         batch.update(input_ids=input_ids, attention_mask=encoded["attention_mask"],
                      labels=input_ids.masked_fill(encoded["attention_mask"] == 0, IGNORE_INDEX))
+        if self.info.attribute_heads:
+            from hemcap.models import heads
+
+            batch["attribute_labels"] = heads.labels(rows, self.schema)
         return batch
 
     def generate_scored(self, rows: Sequence[dict], settings):

@@ -57,6 +57,8 @@ class ModelInfo:
     """Training images' red-cell diameter and field of view in pixels (``hemcap.domain``): crops at inference."""
     colour: dict | None = None
     """Training images' CIELAB statistics and the stain normalisation used (``hemcap.domain``)."""
+    attribute_heads: dict | None = None
+    """Auxiliary attribute heads trained with it (``hemcap.models.heads``): weight, hidden size, fields."""
     test_metrics: dict | None = None
     """Headline figures on a held-out test split, once measured."""
     version: int = INFO_VERSION

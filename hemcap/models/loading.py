@@ -72,7 +72,9 @@ def load_trained(path: str | Path, dtype=None, quantize: str | None = None, is_t
 
         _require_safetensors(path)
         model = PeftModel.from_pretrained(model, path, is_trainable=is_trainable)
-    return cls(model, cls.load_processor(path), info)
+    backend = cls(model, cls.load_processor(path), info)
+    backend.restore(path)
+    return backend
 
 
 def _require_safetensors(path: Path) -> None:
