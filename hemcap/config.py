@@ -420,6 +420,8 @@ def _cross_section_problems(sections: dict) -> list[str]:
         problems.append("lora.quantize: quantization is for LoRA only (set lora.enabled or pass --lora)")
     if train and lora and train.precision == "fp16" and lora.quantize:
         problems.append("train.precision: use bf16 with nf4 (QLoRA computes in bf16)")
+    if model and lora and model.attribute_loss and lora.enabled:
+        problems.append("model.attribute_loss: the attribute heads train with the whole model, not under LoRA")
     return problems
 
 

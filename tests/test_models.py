@@ -290,6 +290,10 @@ def test_attribute_heads_are_saved_beside_a_plain_model_and_restored(captions, t
 
     with pytest.raises(ConfigError, match=r"model.attribute_loss=-1.0 should be between 0.0 and 100.0"):
         blip_config(attribute_loss=-1.0)
+    from hemcap.config import RunConfig
+
+    with pytest.raises(ConfigError, match="the attribute heads train with the whole model, not under LoRA"):
+        RunConfig.from_dict({"model": {"attribute_loss": 1.0}, "lora": {"enabled": True}})
 
 # ------------------------------------------------------------------------------ QLoRA
 

@@ -5,7 +5,8 @@
 - ``blip``, ``chat``: the two shipped backends (``blip_attention``: BLIP's fast inference attention);
 - ``info``: ``ModelInfo``, the one file that says what a model folder is;
 - ``loading``: build from a config, reload a saved folder;
-- ``lora``: PEFT adapters, checked targets, merging.
+- ``lora``: PEFT adapters, checked targets, merging;
+- ``heads``: optional attribute heads trained beside the caption loss (``model.attribute_loss``).
 
 Importing this package imports neither torch nor transformers.
 """
