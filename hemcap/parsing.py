@@ -256,8 +256,8 @@ class Parser:
         subject = next((t for t in schema.reading.topics.values() if t.names), None)
         self.rules = Rules(schema.reading.implies, subject)
         # Phrases, punctuation and "cell" (what templates produce) read the same with no clause logic.
-        self._plain = {p: t.states for p, t in self.lexicon.items()
-                       if t.kind == PHRASE or t.kind >= COLON or (t.kind == NOUN and not t.states and t.topic is subject)}
+        self._plain = {p: t.states for p, t in self.lexicon.items() if t.kind == PHRASE or t.kind >= COLON
+                       or (t.kind == NOUN and not t.states and t.topic is subject)}
         self.pattern = re.compile(r"(?<!\S)(?:" + _trie_regex(self.lexicon) + r")(?!\S)")
 
     def parse(self, text: str, explain: bool = False) -> ParsedAttributes:
@@ -432,7 +432,8 @@ def _read_clause(clause: list, topics: list | None, rules: Rules) -> Iterator[tu
     for i, (term, where) in enumerate(clause):
         if i in denied:
             states = term.denial
-        elif term.kind == NOUN or (term.kind == PHRASE and (term.topic or not topics or _reads(term.states, i, topics, rules))):
+        elif term.kind == NOUN or (term.kind == PHRASE and (term.topic or not topics
+                                                            or _reads(term.states, i, topics, rules))):
             states = term.states
         elif term.kind == WORD:
             states = _reads(term.options, i, topics, rules)

@@ -225,7 +225,8 @@ READING_LISTS = ("negations", "negations_after", "breaks", "openers", "alternati
 
 
 def _build_reading(raw: dict, fields: dict[str, Field], problems: list[str]) -> Reading:
-    topics = {name: _build_topic(name, spec or {}, fields, problems) for name, spec in (raw.get("topics") or {}).items()}
+    topics = {name: _build_topic(name, spec or {}, fields, problems)
+              for name, spec in (raw.get("topics") or {}).items()}
     lists = {key: _strings(raw.get(key)) for key in READING_LISTS}
     problems += [f"reading.{key}: {entry!r} is not text (quote yes, no, on and off in YAML)"
                  for key in lists for entry in raw.get(key) or () if not isinstance(entry, str)]

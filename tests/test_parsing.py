@@ -168,7 +168,8 @@ def test_reading_entries_must_be_text():
     with pytest.raises(SchemaError) as error:
         build_schema(raw)
     assert "reading.negations: False is not text (quote yes, no, on and off in YAML)" in str(error.value)
-    assert "reading.topics.x: unknown field 'nope'" in str(error.value) and "reading.topics.x: no nouns" in str(error.value)
+    assert "reading.topics.x: unknown field 'nope'" in str(error.value)
+    assert "reading.topics.x: no nouns" in str(error.value)
 
 
 def test_recall_and_precision_on_the_dev_set():

@@ -89,7 +89,8 @@ class BlipBackend(BaseBackend):
         out = model(**batch)
         if labels is None:
             return out.loss
-        return out.loss + self.info.attribute_heads["weight"] * heads.heads_of(model).loss(out.image_embeds[:, 0], labels)
+        attribute_loss = heads.heads_of(model).loss(out.image_embeds[:, 0], labels)
+        return out.loss + self.info.attribute_heads["weight"] * attribute_loss
 
     def check_special_tokens(self) -> None:
         """BLIP starts from bos_token_id, stops at sep_token_id and pads with pad_token_id: all must be the tokenizer's."""
