@@ -12,9 +12,14 @@ import random
 import re
 from typing import Mapping
 
-from hemcap.parsing import (ParsedAttributes, Parser, PhraseMatch, compiled_parser, normalize,  # noqa: F401
-                            normalize_tokens, parse, phrase_table)
+from hemcap.parsing import (ParsedAttributes, Parser, PhraseMatch, compiled_parser, normalize, normalize_tokens,
+                            parse, phrase_table)
 from hemcap.schema import Schema, format_text, get_schema, template_lists
+
+__all__ = ["CaptionError", "render", "paraphrase", "caption_variants", "tidy",
+           # reading captions back lives in hemcap.parsing; these names stay importable from here
+           "ParsedAttributes", "Parser", "PhraseMatch", "compiled_parser", "normalize", "normalize_tokens", "parse",
+           "phrase_table"]
 
 _AN = re.compile(r"\b([Aa]) (?=[aeiouAEIOU])")
 

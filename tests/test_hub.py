@@ -1,6 +1,5 @@
 """Model card, push (dry run and a recorded upload) and LoRA merge export, all offline."""
 
-import json
 from pathlib import Path
 
 import numpy as np
