@@ -208,14 +208,14 @@ class CaptionEngine:
 
         probs = [math.exp(lp) for lp in logprobs]
         text, spans = self._decode_with_spans(token_ids)
-        parsed = self.parser.parse(text)
+        parsed = self.parser.parse(text, explain=True)  # one reading gives the values and where each was read
         confidences = dict.fromkeys(self.schema.field_names)
-        for match in self.parser.matches(text):
-            lowest = min((p for p, (a, b) in zip(probs, spans) if a < match.char_end and b > match.char_start), default=None)
-            for name in match.assignment:
-                if parsed[name] is not None and lowest is not None:
-                    previous = confidences[name]
-                    confidences[name] = lowest if previous is None else min(previous, lowest)
+        for name, places in parsed.spans.items():
+            lows = [min((p for p, (a, b) in zip(probs, spans) if a < end and b > start), default=None)
+                    for start, end in places]
+            lows = [low for low in lows if low is not None]
+            if parsed[name] is not None and lows:
+                confidences[name] = min(lows)
         return Caption(tidy(text), token_ids, probs, dict(parsed), confidences, parsed.contradictions)
 
     def _decode_with_spans(self, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
