@@ -30,7 +30,8 @@ class CaptionError(ValueError):
 
 def tidy(text: str) -> str:
     """Generated text as a person writes it: WordPiece decoding leaves "band - shaped", "n : c",
-    "ratio ;" and a lower-case start. Parsing is unaffected (it normalises all of these)."""
+    "ratio ;" and a lower-case start. The engine reads attributes from this text, as metrics do: the
+    parser takes a spaced " - " for a dash between clauses."""
     text = _SPACED_NC.sub("N:C", text)
     text = _SPACED_HYPHEN.sub("-", text)
     text = _SPACE_BEFORE_PUNCT.sub(r"\1", text).strip()

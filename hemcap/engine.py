@@ -13,6 +13,7 @@ lowest probability among the tokens of the phrase that stated it.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -216,14 +217,16 @@ class CaptionEngine:
             lows = [low for low in lows if low is not None]
             if parsed[name] is not None and lows:
                 confidences[name] = min(lows)
-        return Caption(tidy(text), token_ids, probs, dict(parsed), confidences, parsed.contradictions)
+        return Caption(text, token_ids, probs, dict(parsed), confidences, parsed.contradictions)
 
     def _decode_with_spans(self, token_ids: list[int]) -> tuple[str, list[tuple[int, int]]]:
-        """The text and each token's character span in it (from the decoded prefixes)."""
-        prefixes = self._decode_all([token_ids[: k + 1] for k in range(len(token_ids))])
-        text = prefixes[-1].strip() if prefixes else ""
-        offset = len(prefixes[-1]) - len(prefixes[-1].lstrip()) if prefixes else 0
-        ends = [max(0, len(p) - offset) for p in prefixes]
+        """The tidied text (what metrics and people read) and each token's character span in it,
+        from the tidied decoded prefixes. WordPiece decoding writes "band - shaped", which a reader
+        takes as a dash (a schema without hyphen-aware readings then misses the nucleus); a prefix
+        that ends inside such a word is a character longer than its place in the whole text."""
+        prefixes = [tidy(p) for p in self._decode_all([token_ids[: k + 1] for k in range(len(token_ids))])]
+        text = prefixes[-1] if prefixes else ""
+        ends = list(itertools.accumulate((min(len(p), len(text)) for p in prefixes), max))
         return text, [(start, end) for start, end in zip([0, *ends[:-1]], ends)]
 
     def _decode_all(self, sequences: list[list[int]]) -> list[str]:

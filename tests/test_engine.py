@@ -56,6 +56,24 @@ def test_confidence_is_the_weakest_token_of_the_phrase(tiny_blip_dir):
     assert caption.confidences["granularity"] is None
 
 
+def test_attributes_are_read_from_the_tidied_text_as_metrics_read_it(tiny_blip_dir):
+    """WordPiece decodes "band-shaped" as "band - shaped", which a reader takes as a dash: a schema
+    with no hyphen-aware readings (an older model's, a user's own) lost the nucleus shape there."""
+    from hemcap.schema import build_schema, get_schema
+
+    bare = build_schema({k: v for k, v in get_schema("wbcatt").raw.items() if k != "reading"}, source="test")
+    engine = CaptionEngine.from_dir(tiny_blip_dir, schema=bare)
+    ids = engine.backend.tokenizer("Neutrophil with a band-shaped nucleus; a low N:C ratio.",
+                                   add_special_tokens=False)["input_ids"]
+    caption = engine._caption(ids, [-0.1] * len(ids))
+    assert caption.text == "Neutrophil with a band-shaped nucleus; a low N:C ratio."
+    assert caption.attributes["nucleus_shape"] == "unsegmented-band"
+    assert caption.attributes["nuclear_cytoplasmic_ratio"] == "low"
+    assert caption.confidences["nucleus_shape"] == pytest.approx(__import__("math").exp(-0.1))
+    text, spans = engine._decode_with_spans(ids)
+    assert spans[-1][1] == len(text) and all(a <= b for a, b in spans)
+
+
 def test_beam_search_and_empty_input(tiny_blip_dir, cells):
     engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=12, num_beams=3)
     captions = engine.caption(cells[:2])
