@@ -154,6 +154,8 @@ class ModelConfig(_Section):
     """Label smoothing of the caption loss (blip)."""
     attribute_loss: float = 0.0
     """blip: weight of an auxiliary loss, a linear head per attribute on the image's [CLS] feature; 0: none."""
+    vision_stem: str = "patch"
+    """blip, init=scratch: the vision tower's patch layer: patch (one strided convolution) or conv (a small CNN)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of name_or_path."""
     trust_remote_code: bool = False
@@ -161,12 +163,17 @@ class ModelConfig(_Section):
 
     def problems(self) -> list[str]:
         from hemcap.models.registry import backend_names
+        from hemcap.models.stem import STEMS
 
         problems = _one_of("backend", self.backend, ("auto", *backend_names()))
         problems += _one_of("init", self.init, ("pretrained", "scratch"))
         problems += _positive(self, "vocab_size", "max_length")
         problems += _in_range(self, "label_smoothing", 0.0, 1.0)
         problems += _in_range(self, "attribute_loss", 0.0, 100.0)
+        problems += _one_of("vision_stem", self.vision_stem, STEMS)
+        if self.vision_stem != "patch" and (self.init, self.backend) != ("scratch", "blip"):
+            problems.append(f"vision_stem: {self.vision_stem} is built with random weights, for a blip backend with "
+                            "init=scratch only")
         if self.init == "scratch" and self.backend == "auto":
             problems.append("backend: init=scratch needs an explicit backend (blip or chat)")
         if self.init == "pretrained" and not self.name_or_path:

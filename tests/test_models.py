@@ -295,6 +295,56 @@ def test_attribute_heads_are_saved_beside_a_plain_model_and_restored(captions, t
     with pytest.raises(ConfigError, match="the attribute heads train with the whole model, not under LoRA"):
         RunConfig.from_dict({"model": {"attribute_loss": 1.0}, "lora": {"enabled": True}})
 
+# ------------------------------------------------------------------------------ convolutional stem
+
+
+def test_conv_stem_replaces_the_patch_layer_and_reloads_with_its_weights(captions, tmp_path):
+    from hemcap.models.stem import ConvStem
+
+    torch.manual_seed(0)
+    backend = load_backend(blip_config(vision_stem="conv"), captions)
+    stem = backend.model.vision_model.embeddings.patch_embedding
+    assert isinstance(stem, ConvStem)
+    assert backend.info.vision_stem == {"kind": "conv", "dim": 32, "widths": [32, 64, 128]}
+    backend.model.train()
+    backend.model(**backend.collate(rows(captions), train=True)).loss.backward()  # moves the batch-norm statistics
+    assert stem.layers[0].weight.grad.abs().sum() > 0
+    backend.model.eval()
+    expected = texts(backend, rows(captions), 6)
+    backend.save(tmp_path / "m")
+    reloaded = load_trained(tmp_path / "m")
+    assert texts(reloaded, rows(captions), 6) == expected
+    for name, tensor in stem.state_dict().items():  # the batch-norm statistics too
+        assert torch.equal(reloaded.model.vision_model.embeddings.patch_embedding.state_dict()[name], tensor), name
+    assert reloaded.info.vision_stem == backend.info.vision_stem
+
+
+def test_a_lora_adapter_reloads_on_a_base_with_a_conv_stem(captions, tmp_path):
+    torch.manual_seed(0)
+    backend = load_backend(blip_config(vision_stem="conv"), captions)
+    backend.save_base(tmp_path / "base")
+    add_lora(backend, LoraConfig(target_modules=HEMBLIP_TARGETS), freeze_vision=True)
+    backend.model.eval()
+    expected = texts(backend, rows(captions), 6)
+    backend.save(tmp_path / "adapter")
+    assert texts(load_trained(tmp_path / "adapter"), rows(captions), 6) == expected
+
+
+def test_conv_stem_settings_that_cannot_work_are_refused():
+    from hemcap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"vision_stem.*one of"):
+        blip_config(vision_stem="resnet")
+    with pytest.raises(ConfigError, match=r"vision_stem: conv is built with random weights, for a blip backend with "
+                                          r"init=scratch only"):
+        ModelConfig(name_or_path="Salesforce/blip-image-captioning-base", vision_stem="conv")
+    with pytest.raises(ConfigError, match=r"vision_stem: conv .* for a blip backend"):
+        chat_config(vision_stem="conv")
+    with pytest.raises(ValueError, match=r"patch_size of 2 to 64 that is a power of two, not 12"):
+        load_backend(ModelConfig(name_or_path=None, backend="blip", init="scratch", vision_stem="conv",
+                                 vision_config={**BLIP_VISION, "patch_size": 12}, text_config=BLIP_TEXT), ["a b"])
+
+
 # ------------------------------------------------------------------------------ QLoRA
 
 

@@ -40,10 +40,11 @@ def data(tmp_path_factory) -> Path:
     return prepare_synthetic(tmp_path_factory.mktemp("data") / "cells", n_train=24, n_val=4, n_test=2, size=32)
 
 
-def tiny_blip(data: Path, out: Path, lora: bool = False, heads: float = 0.0, **train) -> RunConfig:
+def tiny_blip(data: Path, out: Path, lora: bool = False, heads: float = 0.0, stem: str = "patch",
+              **train) -> RunConfig:
     raw = {
         "model": {"backend": "blip", "init": "scratch", "name_or_path": None, "vocab_size": 300, "max_length": 64,
-                  "attribute_loss": heads,
+                  "attribute_loss": heads, "vision_stem": stem,
                   "vision_config": {"image_size": 32, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
                                     "num_hidden_layers": 1, "num_attention_heads": 2},
                   "text_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
@@ -64,9 +65,10 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-@pytest.mark.parametrize("lora, heads", [(False, 0.0), (True, 0.0), (False, 1.0)], ids=["full", "lora", "heads"])
-def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch, lora, heads):
-    fit(tiny_blip(data, tmp_path / "straight", lora, heads))
+@pytest.mark.parametrize("lora, heads, stem", [(False, 0.0, "patch"), (True, 0.0, "patch"), (False, 1.0, "conv")],
+                         ids=["full", "lora", "heads-conv-stem"])
+def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch, lora, heads, stem):
+    fit(tiny_blip(data, tmp_path / "straight", lora, heads, stem))
 
     real_save = checkpoint.save_checkpoint
 
@@ -78,11 +80,11 @@ def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch,
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_blip(data, tmp_path / "killed", lora, heads))
+        fit(tiny_blip(data, tmp_path / "killed", lora, heads, stem))
     monkeypatch.undo()
     assert not [t for t in threading.enumerate() if t.name == "hemcap-prefetch"], "the prefetch thread ended"
     assert sorted(losses(tmp_path / "killed")) == [1, 2]
-    fit(tiny_blip(data, tmp_path / "killed", lora, heads, resume="auto"))
+    fit(tiny_blip(data, tmp_path / "killed", lora, heads, stem, resume="auto"))
 
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]

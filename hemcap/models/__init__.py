@@ -6,7 +6,8 @@
 - ``info``: ``ModelInfo``, the one file that says what a model folder is;
 - ``loading``: build from a config, reload a saved folder;
 - ``lora``: PEFT adapters, checked targets, merging;
-- ``heads``: optional attribute heads trained beside the caption loss (``model.attribute_loss``).
+- ``heads``: optional attribute heads trained beside the caption loss (``model.attribute_loss``);
+- ``stem``: an optional convolutional stem for a scratch vision tower (``model.vision_stem``).
 
 Importing this package imports neither torch nor transformers.
 """

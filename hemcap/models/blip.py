@@ -9,11 +9,13 @@ WordPiece tokenizer trained on the training captions.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
+from hemcap.models import stem
 from hemcap.models.base import IGNORE_INDEX, BaseBackend, ModelError, load_hf_model, model_device, token_logprobs
 
 if TYPE_CHECKING:
@@ -43,19 +45,30 @@ class BlipBackend(BaseBackend):
         size = config.vision_config.image_size
         processor = BlipProcessor(image_processor=BlipImageProcessor(size={"height": size, "width": size}),
                                   tokenizer=tokenizer)
-        return BlipForConditionalGeneration(config), processor
+        model = BlipForConditionalGeneration(config)
+        if cfg.vision_stem == "conv":
+            stem.attach(model, stem.spec_for(config.vision_config))
+        return model, processor
 
     @classmethod
     def load_model(cls, name_or_path, dtype=None, quantize=None, revision=None, trust_remote_code=False):
+        """The weights; a hemcap folder's convolutional stem (``ModelInfo.vision_stem``) rebuilt in place."""
         from transformers import BlipForConditionalGeneration
 
-        return load_hf_model(BlipForConditionalGeneration, name_or_path, dtype, quantize, revision, trust_remote_code)
+        spec = stem.saved_spec(name_or_path)
+        with stem.quiet_transformers() if spec else contextlib.nullcontext():
+            model = load_hf_model(BlipForConditionalGeneration, name_or_path, dtype, quantize, revision,
+                                  trust_remote_code)
+        if spec:
+            stem.restore(model, name_or_path, spec)
+        return model
 
     def configure(self, cfg: ModelConfig) -> None:
         from hemcap.models import heads
 
         self.check_special_tokens()
         self.model.text_decoder.label_smoothing = cfg.label_smoothing  # read at init; set it for loaded models too
+        self.info.vision_stem = stem.spec_of(self.model)
         if cfg.attribute_loss and heads.heads_of(self.model) is None:
             hidden = self.model.config.vision_config.hidden_size
             self.info.attribute_heads = heads.attach(self.model, hidden, self.schema, cfg.attribute_loss)

@@ -59,6 +59,8 @@ class ModelInfo:
     """Training images' CIELAB statistics and the stain normalisation used (``hemcap.domain``)."""
     attribute_heads: dict | None = None
     """Auxiliary attribute heads trained with it (``hemcap.models.heads``): weight, hidden size, fields."""
+    vision_stem: dict | None = None
+    """A convolutional stem in place of the vision tower's patch layer (``hemcap.models.stem``); None: none."""
     test_metrics: dict | None = None
     """Headline figures on a held-out test split, once measured."""
     version: int = INFO_VERSION
