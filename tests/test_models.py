@@ -295,6 +295,7 @@ def test_attribute_heads_are_saved_beside_a_plain_model_and_restored(captions, t
     with pytest.raises(ConfigError, match="the attribute heads train with the whole model, not under LoRA"):
         RunConfig.from_dict({"model": {"attribute_loss": 1.0}, "lora": {"enabled": True}})
 
+
 # ------------------------------------------------------------------------------ convolutional stem
 
 
