@@ -5,10 +5,9 @@ The points are ``hemcap.fileio.fault_point`` calls, armed by ``HEMCAP_FAULT_AT``
 ``hemcap.checkpoint``'s docstring). A run saves at steps 2, 4 and 6 and keeps one checkpoint
 besides the best, so the second and third saves prune. Each run is a process forked from a
 forkserver that imported torch, transformers and hemcap once: a fresh interpreter spends ~4 s
-importing, a forked run ~1 s, and there are 42 runs here. Two run at a time.
+importing, a forked run ~1 s, and there are 42 runs here, one at a time.
 """
 
-import concurrent.futures
 import logging
 import multiprocessing
 import os
@@ -133,10 +132,10 @@ def test_a_run_killed_anywhere_in_a_save_resumes_to_the_same_weights(data, tmp_p
 
     assert run(forkserver, tiny_run(data, tmp_path / "straight")) == 0  # also fills the pixel cache
     straight = weights(tmp_path / "straight")
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:  # two cores
-        futures = {"+".join(faults): pool.submit(killed_and_resumed, forkserver, data, tmp_path / f"case{n}", faults)
-                   for n, faults in enumerate(CASES)}
-        resumed = {name: future.result() for name, future in futures.items()}
+    # One run at a time: with two threads starting and joining runs through the one forkserver, a run's
+    # exit status was lost now and then (CPython reports 255), in about 1 of 4 tests (2026-11-29).
+    resumed = {"+".join(faults): killed_and_resumed(forkserver, data, tmp_path / f"case{n}", faults)
+               for n, faults in enumerate(CASES)}
     for name, found in resumed.items():
         for which, tensors in found.items():
             assert tensors.keys() == straight[which].keys()
