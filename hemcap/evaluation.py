@@ -78,30 +78,28 @@ def evaluate(options: EvalOptions, settings: dict | None = None) -> dict:
 
 def score_looks(engine: CaptionEngine, rows, options: EvalOptions, in_domain: dict, out: Path) -> list[dict]:
     """The split captioned and scored again in each look (``hemcap.looks``): ``looks/<name>/predictions.jsonl``,
-    a row per look in ``looks.md``, and the rows returned."""
+    a row per look in ``looks.md``, and the rows returned. Every cell is re-stained by one matrix per look,
+    from the split's own stain (measured on its first ``LOOK_IMAGES`` images) to the look's."""
     from hemcap.looks import measure_look, restyle
     from hemcap.metrics import score_records, write_predictions
 
-    red_cell_px = split_red_cell_px(rows)
+    source = split_look(rows)
     table = [look_row("in domain", None, in_domain, in_domain)]
     for folder in options.looks:
         look = measure_look(folder)
-        records = caption_dataset(engine, rows, transform=lambda image: restyle(image, look, red_cell_px))
+        restyled = lambda image: restyle(image, look, source.red_cell_px, source)  # noqa: E731
+        records = caption_dataset(engine, rows, transform=restyled)
         write_predictions(records, out / "looks" / look.name / "predictions.jsonl")
         table.append(look_row(look.name, look, score_records(records, meteor=False, schema=engine.schema), in_domain))
-    (out / "looks.md").write_text(looks_markdown(table, red_cell_px), encoding="utf-8")
+    (out / "looks.md").write_text(looks_markdown(table, source.red_cell_px), encoding="utf-8")
     return table
 
 
-def split_red_cell_px(rows, sample: int = 40) -> float | None:
-    """The split's magnification: the median red-cell size of its first ``sample`` images."""
-    import statistics
+def split_look(rows):
+    """The split's own look (``hemcap.looks.look_of``) from its first ``LOOK_IMAGES`` images."""
+    from hemcap.looks import LOOK_IMAGES, look_of
 
-    from hemcap.smear.magnification import estimate_red_cell_px
-
-    sizes = [size.px for row in rows.select(range(min(sample, len(rows))))
-             if (size := estimate_red_cell_px(row["image"].convert("RGB"))).px]
-    return statistics.median(sizes) if sizes else None
+    return look_of([row["image"].convert("RGB") for row in rows.select(range(min(LOOK_IMAGES, len(rows))))], "split")
 
 
 def look_row(name: str, look, metrics: dict, in_domain: dict) -> dict:

@@ -101,16 +101,22 @@ def lab_moments(lab: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def measure_look(folder: str | Path, name: str | None = None, limit: int = LOOK_IMAGES) -> Look:
     """The look of up to ``limit`` smears in ``folder`` (sorted, searched recursively)."""
     from hemcap.images import iter_images, load_rgb
-    from hemcap.smear.magnification import estimate_red_cell_px
 
     paths = [path for path, note in iter_images([folder]) if note is None][:limit]
     if not paths:
         raise ValueError(f"look folder {folder}: no images found")
-    images = [load_rgb(path) for path in paths]
+    return look_of([load_rgb(path) for path in paths], name or Path(folder).name)
+
+
+def look_of(images: Sequence[Image.Image], name: str) -> Look:
+    """The look of ``images`` (RGB; ``LOOK_IMAGES`` of them are enough): of a lab's smears, or of the
+    cells a look re-renders (``restyle``'s ``source``)."""
+    from hemcap.smear.magnification import estimate_red_cell_px
+
     stats = [lab_statistics(image) for image in images]
     sizes = [size.px for image in images if (size := estimate_red_cell_px(image)).px]
     red_cell_px = statistics.median(sizes) if sizes else None
-    return Look(name or Path(folder).name, _median_triple([m for m, _ in stats]), _median_triple([s for _, s in stats]),
+    return Look(name, _median_triple([m for m, _ in stats]), _median_triple([s for _, s in stats]),
                 red_cell_px, _look_sharpness(images, red_cell_px), *_look_stain(images))
 
 
@@ -145,12 +151,16 @@ def _median_triple(rows: Sequence[np.ndarray]) -> tuple[float, float, float]:
     return tuple(round(float(v), 3) for v in np.median(np.stack(rows), axis=0))
 
 
-def restyle(image: Image.Image, look: Look, red_cell_px: float | None = None) -> Image.Image:
+def restyle(image: Image.Image, look: Look, red_cell_px: float | None = None,
+            source: Look | None = None) -> Image.Image:
     """``image`` in ``look``: its colours moved to the look's; when ``red_cell_px`` (the image's
     red-cell size) is given and the look's red cells are smaller, its resolution too; and when the
     look has a sharpness below the image's, blurred to it (the image's red cells, when not given,
-    are measured; an image without a measurable one is not blurred)."""
-    styled = _restained(image, look)
+    are measured; an image without a measurable one is not blurred). ``source``, the look of the
+    images' own lab, re-stains every image by one matrix (its lab's stain to the look's), as a
+    stain acts on every cell of a slide alike; without it, each image's own stain is measured and
+    taken to the look's, which a per-image normaliser undoes."""
+    styled = _restained(image, look, source)
     if styled is None:
         mean, std = lab_statistics(image)
         styled = transfer_colour(image, mean, std, np.asarray(look.lab_mean), np.asarray(look.lab_std))
@@ -161,13 +171,16 @@ def restyle(image: Image.Image, look: Look, red_cell_px: float | None = None) ->
     return styled
 
 
-def _restained(image: Image.Image, look: Look) -> Image.Image | None:
+def _restained(image: Image.Image, look: Look, source: Look | None = None) -> Image.Image | None:
     """``image`` under the look's stain and lamp: its optical densities mapped by the matrix closest to
-    the identity that takes its red cells' and nuclei's densities to the look's (Beer-Lambert: a stain
-    change mixes the channels' densities), lit by the look's background. None when either is missing."""
+    the identity that takes its red cells' and nuclei's densities (``source``'s medians when given: its
+    lab's) to the look's (Beer-Lambert: a stain change mixes the channels' densities), lit by the look's
+    background. None when either is missing."""
     if look.nucleus_od is None or look.red_cell_od is None or look.background_rgb is None:
         return None
     background, red, nuclei = stain_anchors(image)
+    if source is not None:  # the lab's stain, the image's own lamp
+        red, nuclei = (None if od is None else np.asarray(od, float) for od in (source.red_cell_od, source.nucleus_od))
     if red is None or nuclei is None:
         return None
     return remix_stain(image, background, [red, nuclei], look.background_rgb, [look.red_cell_od, look.nucleus_od])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageEnhance, ImageFilter
 
-from hemcap.looks import Look, lab_statistics, measure_look, restyle, sharpness
+from hemcap.looks import Look, lab_statistics, look_of, measure_look, restyle, sharpness
 from hemcap.smear.magnification import estimate_red_cell_px
 from hemcap.synthetic import draw_smear, make_cells
 
@@ -105,3 +105,18 @@ def test_restyle_gives_the_looks_stain_red_cells_and_nuclei_alike():
     reinhard_only = dataclasses.replace(look, nucleus_od=None)  # a look measured before stains: Reinhard's transfer
     mean, _ = lab_statistics(restyle(smear, reinhard_only))
     assert np.allclose(mean, look.lab_mean, atol=2.0)
+
+
+def test_a_source_look_restains_every_image_by_one_matrix_as_a_labs_stain_does(smear):
+    image = smear[0]
+    rgb = np.asarray(image, float)
+    background = np.median(rgb[rgb.sum(axis=-1) > np.quantile(rgb.sum(axis=-1), 0.8)], axis=0)
+    darker = Image.fromarray(np.clip(background * (rgb / background) ** 1.4, 0, 255).astype(np.uint8))  # 40 % more dye
+    source = look_of([image], "own lab")
+    look = Look("blue lab", (70.0, 5.0, -15.0), (12.0, 8.0, 6.0), background_rgb=(240.0, 235.0, 250.0),
+                red_cell_od=(0.25, 0.35, 0.15), nucleus_od=(1.3, 1.5, 0.5))
+    grey = lambda styled: np.asarray(styled.convert("L"), float).mean()  # noqa: E731
+    dye = grey(image) - grey(darker)  # ~10 grey levels
+    assert abs(grey(restyle(image, look, source=source)) - grey(restyle(image, look))) < 1  # its own stain: alike
+    assert grey(restyle(image, look)) - grey(restyle(darker, look)) < 0.3 * dye  # each image's own: the dye erased
+    assert grey(restyle(image, look, source=source)) - grey(restyle(darker, look, source=source)) > 0.8 * dye  # kept
