@@ -9,9 +9,10 @@ magnification) and their CIELAB colour statistics (its stain). ``ModelInfo.magni
   magnification (training field x the smear's red cells / the training red cells), so a
   lymphocyte stays small next to its red cells whatever the microscope and camera;
 - ``normalise_stain``: each image (training, validation and every crop captioned) is given the
-  training images' colours as ``data.stain_norm`` chose: ``anchors`` (the shipped recipe's: its
-  background and red cells get the training images' colours), ``reinhard`` or ``stain``
-  (BENCHMARKS.md, "Any lab's smear", measured all three); ``--no-stain-norm`` turns it off;
+  training images' colours as ``data.stain_norm`` chose: ``stain`` (the shipped recipe's: its
+  optical densities re-mixed so that its red cells and nuclei absorb as the training images'),
+  ``anchors`` (background and red cells only) or ``reinhard`` (BENCHMARKS.md, "Any lab's smear",
+  measured all three); ``--no-stain-norm`` turns it off;
 - ``domain_shift``: how far a smear sits from the training images, in colour, in magnification
   (how much its cells are enlarged to the model's) and in caption confidence, and the warning
   when any of the three passes the limit chosen on the dev looks (``BENCHMARKS.md``).
