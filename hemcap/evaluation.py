@@ -9,9 +9,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from hemcap.engine import CaptionEngine
+
+if TYPE_CHECKING:
+    from hemcap.looks import Look
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ def score_looks(engine: CaptionEngine, rows, options: EvalOptions, in_domain: di
     return table
 
 
-def split_look(rows):
+def split_look(rows) -> Look:
     """The split's own look (``hemcap.looks.look_of``) from its first ``LOOK_IMAGES`` images."""
     from hemcap.looks import LOOK_IMAGES, look_of
 

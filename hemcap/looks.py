@@ -13,10 +13,10 @@ the look's nucleus colours, as on the lab's own smears (BCCD's and BCD's nuclei 
 their red cells than PBC's, Raabin-WBC's redder). ``hemcap eval --look`` re-mixes every cell by one
 matrix, from the split's own stain (its ``look_of``) to the look's, as a lab's stain acts on all its
 cells alike: a dense nucleus stays denser than a pale one. (Each image's own densities taken to the
-look's would erase that, and be undone exactly by a normaliser that measures each image the same way.) When the look's red
-cells are smaller in pixels than the image's (a lower magnification), the resolution lost by
-shrinking to that magnification and enlarging back; and, when the look is softer than the image,
-a Gaussian blur that brings the image's sharpness down to the look's.
+look's would erase that, and be undone exactly by a normaliser that measures each image the same
+way.) When the look's red cells are smaller in pixels than the image's (a lower magnification), the
+resolution lost by shrinking to that magnification and enlarging back; and, when the look is softer
+than the image, a Gaussian blur that brings the image's sharpness down to the look's.
 
 Sharpness (``sharpness``) is compared across labs at one physical scale: the grey image, its
 borders trimmed, is resized so that its red cells are 32 px across; it is the share of the detail
