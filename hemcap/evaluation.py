@@ -90,8 +90,7 @@ def score_looks(engine: CaptionEngine, rows, options: EvalOptions, in_domain: di
     table = [look_row("in domain", None, in_domain, in_domain)]
     for folder in options.looks:
         look = measure_look(folder)
-        restyled = lambda image: restyle(image, look, source.red_cell_px, source)  # noqa: E731
-        records = caption_dataset(engine, rows, transform=restyled)
+        records = caption_dataset(engine, rows, transform=lambda image: restyle(image, look, source=source))
         write_predictions(records, out / "looks" / look.name / "predictions.jsonl")
         table.append(look_row(look.name, look, score_records(records, meteor=False, schema=engine.schema), in_domain))
     (out / "looks.md").write_text(looks_markdown(table, source.red_cell_px), encoding="utf-8")

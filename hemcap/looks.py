@@ -161,8 +161,10 @@ def restyle(image: Image.Image, look: Look, red_cell_px: float | None = None,
     look has a sharpness below the image's, blurred to it (the image's red cells, when not given,
     are measured; an image without a measurable one is not blurred). ``source``, the look of the
     images' own lab, re-stains every image by one matrix (its lab's stain to the look's), as a
-    stain acts on every cell of a slide alike; without it, each image's own stain is measured and
-    taken to the look's, which a per-image normaliser undoes."""
+    stain acts on every cell of a slide alike, and gives their red-cell size when ``red_cell_px``
+    is not; without it, each image's own stain is measured and taken to the look's, which a
+    per-image normaliser undoes."""
+    red_cell_px = red_cell_px or (source.red_cell_px if source is not None else None)
     styled = _restained(image, look, source)
     if styled is None:
         mean, std = lab_statistics(image)
@@ -183,7 +185,7 @@ def _restained(image: Image.Image, look: Look, source: Look | None = None) -> Im
         return None
     background, red, nuclei = stain_anchors(image)
     if source is not None:  # the lab's stain, the image's own lamp
-        red, nuclei = (None if od is None else np.asarray(od, float) for od in (source.red_cell_od, source.nucleus_od))
+        red, nuclei = source.red_cell_od, source.nucleus_od
     if red is None or nuclei is None:
         return None
     return remix_stain(image, background, [red, nuclei], look.background_rgb, [look.red_cell_od, look.nucleus_od])
