@@ -240,6 +240,10 @@ class AugmentConfig(_Section):
     """Max standard deviation of additive Gaussian sensor noise, in [0, 1] intensity units (0 = off)."""
     jpeg_quality: int | None = None
     """Lowest quality of a JPEG re-compression, drawn from jpeg_quality to 95 (null = off)."""
+    restain: float = 0.0
+    """Max factor (1 + restain) by which another lab's stain scales each density of red cells and nuclei (0 = off)."""
+    restain_copies: int = 2
+    """Copies of each training image decoded under random other stains, then the model's normaliser (with restain)."""
 
     def problems(self) -> list[str]:
         problems = _in_range(self, "color_jitter", 0.0, 1.0) + _in_range(self, "stain_jitter", 0.0, 1.0)
@@ -249,6 +253,7 @@ class AugmentConfig(_Section):
         problems += _in_range(self, "noise", 0.0, 1.0)
         if self.jpeg_quality is not None:
             problems += _in_range(self, "jpeg_quality", 1, 95)
+        problems += _in_range(self, "restain", 0.0, 4.0) + _in_range(self, "restain_copies", 1, 16)
         return problems
 
 

@@ -27,6 +27,7 @@ import mmap
 import os
 import queue
 import threading
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -40,6 +41,7 @@ from PIL import Image
 
 from hemcap.config import AugmentConfig
 from hemcap.fileio import atomic_path
+from hemcap.domain import Domain
 from hemcap.images import IMAGE_FORMATS, model_pixels, model_sized
 
 log = logging.getLogger(__name__)
@@ -187,12 +189,14 @@ class TrainBatches:
     ``pixels`` is uint8 (N, 3, H, W): a memory-mapped cache (``map_split``), an array or a tensor;
     a batch reads only its own rows. ``batch_size`` is per process; with several processes each
     takes its slice of one global batch. The last incomplete batch of an epoch is dropped, so
-    every batch has the same size.
+    every batch has the same size. ``restained`` are copies of ``pixels`` under other labs' stains
+    (``Restained``): each image of a batch is read from a random one of them with p = 0.5.
     """
 
     def __init__(self, pixels: np.ndarray | torch.Tensor, captions: Sequence[Sequence[str]], batch_size: int,
-                 augment: AugmentConfig, seed: int, variants: bool, rank: int = 0, world: int = 1):
-        self.pixels, self.captions = pixels, captions
+                 augment: AugmentConfig, seed: int, variants: bool, rank: int = 0, world: int = 1,
+                 restained: Sequence[np.ndarray | torch.Tensor] = ()):
+        self.pixels, self.captions, self.restained = pixels, captions, list(restained)
         self.global_batch = batch_size * world
         if len(pixels) < self.global_batch:
             raise ValueError(f"{len(pixels)} training images are fewer than one batch of {self.global_batch}")
@@ -209,8 +213,22 @@ class TrainBatches:
         start = position * self.global_batch + self.rank * self.batch_size
         rows = self._order(epoch)[start:start + self.batch_size].tolist()
         rng = _generator(self.seed, "batch", micro_step, self.rank)
-        pixels = augment_pixels(gather_rows(self.pixels, rows), self.augment, rng)
+        pixels = augment_pixels(self._gather(rows, rng), self.augment, rng)
         return Batch(rows, pixels, self._pick_captions(rows, rng))
+
+    def _gather(self, rows: list[int], rng: torch.Generator) -> torch.Tensor:
+        """uint8 pixels of ``rows``, half of them (each with p = 0.5) from a random restained copy."""
+        if not self.restained:
+            return gather_rows(self.pixels, rows)
+        n = len(rows)
+        picks = torch.where(torch.rand(n, generator=rng) < 0.5, torch.randint(1, len(self.restained) + 1, (n,),
+                                                                              generator=rng), 0)
+        out = torch.empty((n, *self.pixels.shape[1:]), dtype=torch.uint8)
+        for source, pixels in enumerate([self.pixels, *self.restained]):
+            at = (picks == source).nonzero().flatten().tolist()
+            if at:
+                out[at] = gather_rows(pixels, [rows[i] for i in at])
+        return out
 
     def _order(self, epoch: int) -> torch.Tensor:
         if self._epoch_order[0] != epoch:
@@ -332,6 +350,49 @@ def _put(out: queue.Queue, item, stop: threading.Event) -> bool:
         except queue.Full:
             continue
     return False
+
+
+# ------------------------------------------------------------------------------ other labs' stains
+
+LAMP_DIMMEST = 0.7  # of the training background, per channel: TXL-PBC's BCCD, BCD and Raabin-WBC are 0.74-0.92 of PBC's
+
+
+@dataclass(frozen=True)
+class Restained:
+    """A decode transform: a training image under a random other lab's stain and lamp, then through the
+    model's own stain normaliser, as another lab's cell reaches the model at inference.
+
+    The other stain is the training images' (``domain``: their background and the optical densities
+    of their red cells and nuclei) with each of the six densities scaled by a factor drawn
+    log-uniformly from 1 / (1 + strength) to 1 + strength, the image re-mixed to it as
+    ``hemcap.looks.remix_stain`` does (Tellez et al.'s stain augmentation in the Beer-Lambert space,
+    2018, with red cells and nuclei as the two dyes' anchors); the lamp dims each channel to
+    ``LAMP_DIMMEST``-1 of the training one. The normaliser then undoes what it can (those densities,
+    the lamp); the model learns to ignore the rest (the mix's third direction, the normaliser's errors
+    in finding red cells and nuclei, clipped pixels). The draw is seeded by the image's pixels, ``copy``
+    and ``seed``: an image's copy looks the same in every run.
+    """
+
+    strength: float
+    copy: int
+    seed: int
+    domain: Domain
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        from hemcap.looks import remix_stain, stain_anchors
+
+        rng = np.random.default_rng([self.seed, self.copy, zlib.crc32(image.tobytes())])
+        background = stain_anchors(image)[0]
+        own = [np.asarray(od) for od in (self.domain.red_cell_od, self.domain.nucleus_od) if od is not None]
+        own = own or [np.ones(3)]  # no anchors measured: one grey dye
+        spread = math.log1p(self.strength)
+        other = [od * np.exp(rng.uniform(-spread, spread, 3)) for od in own]
+        lamp = np.asarray(self.domain.background_rgb or background) * rng.uniform(LAMP_DIMMEST, 1.0, 3)
+        return self.domain.normaliser()(remix_stain(image, background, own, lamp, other))
+
+    @property
+    def key(self) -> str:
+        return f"restained:{self.strength}:{self.copy}:{self.seed}:{self.domain.normaliser().key}"
 
 
 # ------------------------------------------------------------------------------ augmentation

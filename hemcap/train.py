@@ -38,7 +38,7 @@ import yaml
 
 from hemcap import checkpoint, fileio, models, threads
 from hemcap.config import ConfigError, RunConfig, add_train_arguments, config_from_args
-from hemcap.inputs import Prefetcher, TrainBatches, decode_split, map_split
+from hemcap.inputs import Prefetcher, Restained, TrainBatches, decode_split, map_split
 
 log = logging.getLogger("hemcap.train")
 
@@ -324,10 +324,29 @@ def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tu
         captions = [[c] for c in split["caption"]]
     ids = split["id"]
     batches = TrainBatches(pixels, [captions[r] for r in rows], cfg.train.batch_size, cfg.augment, cfg.train.seed,
-                           cfg.data.captions == "variants", accelerator.process_index, accelerator.num_processes)
+                           cfg.data.captions == "variants", accelerator.process_index, accelerator.num_processes,
+                           _restained_copies(cfg, backend, split, out, rows))
     log.info("training on %d images at %dx%d, %d micro-batches per epoch", len(pixels), *backend.image_size,
              batches.steps_per_epoch)
     return batches, [ids[r] for r in rows]
+
+
+def _restained_copies(cfg: RunConfig, backend, split, out: Path, rows: list[int]) -> list:
+    """With ``augment.restain``: the training images decoded again under random other labs' stains, then
+    the model's normaliser (``inputs.Restained``), one cache per copy."""
+    from hemcap.domain import Domain
+
+    domain = Domain.from_info(backend.info) or Domain()
+    copies = []
+    for index in range(cfg.augment.restain_copies if cfg.augment.restain else 0):
+        transform = Restained(cfg.augment.restain, index, cfg.train.seed, domain)
+        pixels, copy_rows = map_split(split, backend.image_size, _cache_dir(cfg, out), transform=transform)
+        if copy_rows != rows:
+            raise ValueError(f"restained copy {index}: {len(set(rows) ^ set(copy_rows))} images decoded in one "
+                             "of it and the training images but not in both (see the warnings above)")
+        copies.append(pixels)
+    log.info("%d restained copies of the training images (augment.restain %s)", len(copies), cfg.augment.restain)
+    return copies
 
 
 def _prefetcher(cfg: RunConfig, accelerator, build) -> Prefetcher:

@@ -100,3 +100,22 @@ def test_stain_normalisation_gives_red_cells_and_nuclei_the_training_densities()
     background, red, nuclei = stain_anchors(normalise_stain(restyle(smears[0], other), domain))
     assert np.allclose(background, domain.background_rgb, atol=4)
     assert np.allclose(red, domain.red_cell_od, atol=0.05) and np.allclose(nuclei, domain.nucleus_od, atol=0.1)
+
+
+def test_a_restained_copy_is_another_stain_that_the_normaliser_undoes_on_red_cells_and_nuclei():
+    import dataclasses
+
+    from hemcap.inputs import Restained
+    from hemcap.looks import stain_anchors
+
+    smears = [draw_smear(seed, size=(320, 240))[0] for seed in range(3)]
+    domain = measure_domain(smears, "stain")
+    raw = dataclasses.replace(domain, normalisation="none")
+    copies = [Restained(1.0, copy, 0, raw)(smears[0]) for copy in range(2)]
+    assert np.array_equal(copies[0], Restained(1.0, 0, 0, raw)(smears[0]))  # seeded by image, copy and seed
+    assert not np.array_equal(copies[0], copies[1])
+    moved = [np.abs(stain_anchors(copy)[2] - stain_anchors(smears[0])[2]).max() for copy in copies]
+    assert min(moved) > 0.1  # another stain: the nuclei's densities moved
+    _, red, nuclei = stain_anchors(Restained(1.0, 0, 0, domain)(smears[0]))  # then the model's normaliser
+    assert np.allclose(red, domain.red_cell_od, atol=0.05) and np.allclose(nuclei, domain.nucleus_od, atol=0.1)
+    assert Restained(1.0, 0, 0, raw).key != Restained(1.0, 0, 0, domain).key != Restained(1.0, 1, 0, domain).key

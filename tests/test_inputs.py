@@ -96,6 +96,19 @@ def test_each_epoch_visits_each_image_at_most_once():
     assert [r for step in range(3, 6) for r in batches(step).rows] != seen  # a new order next epoch
 
 
+def test_restained_copies_reach_about_half_a_batch_and_the_same_ones_every_time():
+    n = 40
+    pixels = torch.zeros((n, 3, 4, 4), dtype=torch.uint8)
+    copies = [torch.full((n, 3, 4, 4), 100 + k, dtype=torch.uint8) for k in range(2)]
+    captions = [[f"cell {i}"] for i in range(n)]
+    make = lambda: TrainBatches(pixels, captions, 40, AugmentConfig(rotate90=False, flip=False), 0, False,
+                                restained=copies)
+    values = (make()(0).pixels[:, 0, 0, 0] * 255).round()
+    assert torch.equal(values, (make()(0).pixels[:, 0, 0, 0] * 255).round())
+    counts = [int((values == v).sum()) for v in (0, 100, 101)]
+    assert sum(counts) == n and 12 <= counts[0] <= 28 and min(counts[1:]) >= 3  # each image: own, p = 0.5
+
+
 def test_processes_take_disjoint_slices_of_one_global_batch():
     ranks = [make_batches(n=12, batch=2, rank=r, world=3) for r in range(3)]
     rows = [r for b in ranks for r in b(0).rows]
