@@ -14,7 +14,9 @@ square (cells have no orientation), stain jitter (per-channel optical-density sc
 and colour jitter (brightness, contrast, saturation), and, for other labs' optics and cameras,
 zoom about the centre (``scale``), Gaussian defocus (``blur``), a tone curve (``gamma``), sensor
 noise (``noise``) and JPEG re-compression (``jpeg_quality``); each of these five reaches a random
-half of a batch at a strength drawn up to its maximum.
+half of a batch at a strength drawn up to its maximum. ``augment.restain`` decodes copies of the
+training images under random other labs' stains and through the model's own stain normaliser
+(``Restained``), once per copy like the images themselves; half of each batch is read from them.
 """
 
 from __future__ import annotations
@@ -40,8 +42,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 from hemcap.config import AugmentConfig
-from hemcap.fileio import atomic_path
 from hemcap.domain import Domain
+from hemcap.fileio import atomic_path
 from hemcap.images import IMAGE_FORMATS, model_pixels, model_sized
 
 log = logging.getLogger(__name__)
@@ -392,7 +394,9 @@ class Restained:
 
     @property
     def key(self) -> str:
-        return f"restained:{self.strength}:{self.copy}:{self.seed}:{self.domain.normaliser().key}"
+        d = self.domain  # its anchors set the stains drawn even when it does not normalise
+        anchors = (d.background_rgb, d.red_cell_od, d.nucleus_od)
+        return f"restained:{self.strength}:{self.copy}:{self.seed}:{anchors}:{d.normaliser().key}"
 
 
 # ------------------------------------------------------------------------------ augmentation

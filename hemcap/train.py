@@ -342,10 +342,11 @@ def _restained_copies(cfg: RunConfig, backend, split, out: Path, rows: list[int]
         transform = Restained(cfg.augment.restain, index, cfg.train.seed, domain)
         pixels, copy_rows = map_split(split, backend.image_size, _cache_dir(cfg, out), transform=transform)
         if copy_rows != rows:
-            raise ValueError(f"restained copy {index}: {len(set(rows) ^ set(copy_rows))} images decoded in one "
-                             "of it and the training images but not in both (see the warnings above)")
+            raise ValueError(f"restained copy {index}: {len(set(rows) ^ set(copy_rows))} images decoded either there "
+                             "or among the training images, not in both (see the warnings above)")
         copies.append(pixels)
-    log.info("%d restained copies of the training images (augment.restain %s)", len(copies), cfg.augment.restain)
+    if copies:
+        log.info("%d restained copies of the training images (augment.restain %s)", len(copies), cfg.augment.restain)
     return copies
 
 

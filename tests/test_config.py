@@ -34,6 +34,7 @@ def test_recipes_in_the_shipped_configs():
     assert scratch.train.max_minutes and scratch.train.max_minutes <= 90  # issue 17's CPU budget
     assert scratch.model.vision_config["image_size"] == 128 and scratch.train.batch_size == 48
     assert scratch.model.vision_stem == "conv" and scratch.model.attribute_loss == 1.0
+    assert scratch.data.stain_norm == "stain" and scratch.augment.restain == 1.0  # issue 14's looks
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).model.init == "scratch"], ids=lambda p: p.stem)
@@ -132,12 +133,14 @@ def test_missing_config_file_is_named(tmp_path):
 
 
 def test_augment_values_out_of_range_are_reported_together():
-    raw = {"augment": {"scale": 0.7, "blur": -1, "gamma": 2.0, "noise": 1.5, "jpeg_quality": 0}}
+    raw = {"augment": {"scale": 0.7, "blur": -1, "gamma": 2.0, "noise": 1.5, "jpeg_quality": 0, "restain": 5,
+                       "restain_copies": 0}}
     with pytest.raises(ConfigError) as error:
         RunConfig.from_dict(raw)
     message = str(error.value)
     for expected in ("augment.scale=0.7 should be between 0.0 and 0.5", "augment.blur=-1.0 should be between",
-                     "augment.gamma=2.0", "augment.noise=1.5", "augment.jpeg_quality=0 should be between 1 and 95"):
+                     "augment.gamma=2.0", "augment.noise=1.5", "augment.jpeg_quality=0 should be between 1 and 95",
+                     "augment.restain=5.0 should be between 0.0 and 4.0", "augment.restain_copies=0 should be between"):
         assert expected in message, expected
     with pytest.raises(ConfigError, match="augment.jpeg_quality=96"):
         RunConfig.from_dict({"augment": {"jpeg_quality": 96}})

@@ -464,3 +464,18 @@ def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path, 
     assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "raw"), "--no-meteor", "--no-stain-norm"]) == 0
     assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["meta"]["stain_norm"] == "off"
+
+
+def test_restained_copies_are_decoded_once_each_beside_the_training_images(data, tmp_path, caplog):
+    cfg = tiny_blip(data, tmp_path / "run", max_steps=2, save_every=None)
+    cfg.data.stain_norm, cfg.data.cache_dir, cfg.augment.restain = "stain", str(tmp_path / "cache"), 1.0
+    with caplog.at_level(logging.INFO, logger="hemcap.train"):
+        fit(cfg)
+    assert "2 restained copies of the training images (augment.restain 1.0)" in caplog.text
+    caches = [p for p in (tmp_path / "cache").glob("pixels-*.npy") if not p.name.endswith(".rows.npy")]
+    assert len(caches) == 4  # training images, their 2 restained copies, validation images
+    first = {p.name: p.stat().st_mtime_ns for p in caches}
+    cfg.train.output_dir = str(tmp_path / "again")
+    fit(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("pixels-*.npy")
+            if not p.name.endswith(".rows.npy")} == first  # decoded once: the second run reads them
