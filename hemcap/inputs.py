@@ -394,9 +394,7 @@ class Restained:
 
     @property
     def key(self) -> str:
-        d = self.domain  # its anchors set the stains drawn even when it does not normalise
-        anchors = (d.background_rgb, d.red_cell_od, d.nucleus_od)
-        return f"restained:{self.strength}:{self.copy}:{self.seed}:{anchors}:{d.normaliser().key}"
+        return repr(self)  # every field: the domain's anchors set the stains drawn even when it does not normalise
 
 
 # ------------------------------------------------------------------------------ augmentation

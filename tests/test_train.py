@@ -469,13 +469,16 @@ def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path, 
 def test_restained_copies_are_decoded_once_each_beside_the_training_images(data, tmp_path, caplog):
     cfg = tiny_blip(data, tmp_path / "run", max_steps=2, save_every=None)
     cfg.data.stain_norm, cfg.data.cache_dir, cfg.augment.restain = "stain", str(tmp_path / "cache"), 1.0
+
+    def caches() -> dict[str, int]:
+        return {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("pixels-*.npy")
+                if not p.name.endswith(".rows.npy")}
+
     with caplog.at_level(logging.INFO, logger="hemcap.train"):
         fit(cfg)
     assert "2 restained copies of the training images (augment.restain 1.0)" in caplog.text
-    caches = [p for p in (tmp_path / "cache").glob("pixels-*.npy") if not p.name.endswith(".rows.npy")]
-    assert len(caches) == 4  # training images, their 2 restained copies, validation images
-    first = {p.name: p.stat().st_mtime_ns for p in caches}
+    first = caches()
+    assert len(first) == 4  # training images, their 2 restained copies, validation images
     cfg.train.output_dir = str(tmp_path / "again")
     fit(cfg)
-    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").glob("pixels-*.npy")
-            if not p.name.endswith(".rows.npy")} == first  # decoded once: the second run reads them
+    assert caches() == first  # decoded once: the second run reads them
