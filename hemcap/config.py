@@ -202,6 +202,8 @@ class DataConfig(_Section):
     """Where decoded, resized pixels are cached (default: <path>/.hemcap_cache)."""
     stain_norm: str = "none"
     """Colours given the training images' for training, validation and captioning: none, reinhard, anchors, stain."""
+    centre_crop: float = 1.0
+    """Share of each image's shorter side the model sees, a centred square (the cell), in training and inference."""
 
     def problems(self) -> list[str]:
         from hemcap.domain import NORMALISATIONS
@@ -209,6 +211,7 @@ class DataConfig(_Section):
         problems = _one_of("captions", self.captions, ("canonical", "variants"))
         problems += _one_of("stain_norm", self.stain_norm, NORMALISATIONS)
         problems += _positive(self, "max_train_samples", allow_none=True)
+        problems += _in_range(self, "centre_crop", 0.25, 1.0)  # under a quarter of a PBC field cuts its cells
         if not self.path:
             problems.append("path: a dataset dir is needed")
         return problems

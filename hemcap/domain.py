@@ -82,8 +82,11 @@ def _triple(values) -> tuple[float, float, float] | None:
     return None if values is None else tuple(float(v) for v in values)
 
 
-def measure_domain(images: Sequence[Image.Image], normalisation: str = "none") -> Domain:
-    """The domain of a model's training images (the first ``SAMPLE`` are enough)."""
+def measure_domain(images: Sequence[Image.Image], normalisation: str = "none", crop: float = 1.0) -> Domain:
+    """The domain of a model's training images (the first ``SAMPLE`` are enough): colours on what the
+    model sees of each (its ``crop``, ``ModelInfo.centre_crop``), red cells and field on the whole image,
+    as a smear's cells are cut over the whole field before that crop."""
+    from hemcap.images import centre_square
     from hemcap.looks import stain_anchors
     from hemcap.smear.magnification import estimate_red_cell_px
 
@@ -92,11 +95,12 @@ def measure_domain(images: Sequence[Image.Image], normalisation: str = "none") -
     images = [image.convert("RGB") for image in images[:SAMPLE]]
     if not images:
         raise ValueError("measure_domain: no training images")
-    stats = [colour_statistics(image) for image in images]
+    seen = [centre_square(image, crop) for image in images] if crop < 1 else images
+    stats = [colour_statistics(image) for image in seen]
     sizes = [size.px for image in images if (size := estimate_red_cell_px(image)).px]
     means, stds, backgrounds = (np.stack([s[k] for s in stats]) for k in range(3))
     reds = [s[3] for s in stats if s[3] is not None]
-    stains = [stain_anchors(image) for image in images]
+    stains = [stain_anchors(image) for image in seen]
     return Domain(_median(sizes), _median([(image.width * image.height) ** 0.5 for image in images]),
                   _rounded(np.median(means, axis=0)), _rounded(np.median(stds, axis=0)),
                   _rounded(np.maximum(np.std(means, axis=0), 1.0)),  # >= 1 Lab unit: a uniform set has no spread

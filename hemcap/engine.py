@@ -162,7 +162,8 @@ class CaptionEngine:
 
     def normalised(self, image):
         """``image`` at the model's input size, in the training images' colours (``hemcap.domain``)."""
-        return normalise_stain(model_sized(image, self.backend.image_size), self.domain)
+        sized = model_sized(image, self.backend.image_size, self.backend.info.centre_crop)
+        return normalise_stain(sized, self.domain)
 
     def _vote(self, views: list[Caption]) -> Caption:
         """One caption from several views: each field takes the value with the most summed confidence.

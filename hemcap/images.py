@@ -152,18 +152,28 @@ def background_colour(image: Image.Image) -> tuple[int, int, int]:
     return tuple(int(round(v)) for v in np.median(bright, axis=0))
 
 
-def model_pixels(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """uint8 (3, height, width) of ``image`` at the model's input ``size``: the one resize that
-    training, validation, evaluation and inference all use, so the model always sees the same pixels."""
-    return np.asarray(model_sized(image, size)).transpose(2, 0, 1).copy()
+def model_pixels(image: Image.Image, size: tuple[int, int], crop: float = 1.0) -> np.ndarray:
+    """uint8 (3, height, width) of ``image`` at the model's input ``size``: the one crop and resize
+    that training, validation, evaluation and inference all use, so the model always sees the same pixels."""
+    return np.asarray(model_sized(image, size, crop)).transpose(2, 0, 1).copy()
 
 
-def model_sized(image: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """``image`` in RGB at the model's input ``size`` (height, width)."""
+def model_sized(image: Image.Image, size: tuple[int, int], crop: float = 1.0) -> Image.Image:
+    """``image`` in RGB at the model's input ``size`` (height, width); only its centred square of
+    ``crop`` times its shorter side when ``crop`` < 1 (``ModelInfo.centre_crop``)."""
     image = image if image.mode == "RGB" else image.convert("RGB")
+    if crop < 1:
+        image = centre_square(image, crop)
     if image.size != (size[1], size[0]):
         image = image.resize((size[1], size[0]), Image.Resampling.BICUBIC)
     return image
+
+
+def centre_square(image: Image.Image, share: float) -> Image.Image:
+    """The square at the centre of ``image`` whose side is ``share`` of the image's shorter side."""
+    side = max(1, round(share * min(image.size)))
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    return image.crop((left, top, left + side, top + side))
 
 
 def square_crop(image: Image.Image, box, margin: float = 0.25, size: int | None = None,

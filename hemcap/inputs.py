@@ -21,6 +21,7 @@ training images under random other labs' stains and through the model's own stai
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import logging
@@ -56,34 +57,34 @@ DECODE_CHUNK = 64  # images in flight while decoding: 150 MB at 896 px, however 
 
 
 def map_split(split, size: tuple[int, int], cache_dir: str | Path | None, mode: str = "r",
-              transform: Transform | None = None) -> tuple[np.ndarray, list[int]]:
+              transform: Transform | None = None, crop: float = 1.0) -> tuple[np.ndarray, list[int]]:
     """Pixels of every decodable image in ``split`` as uint8 (N, 3, H, W), and the rows they came from.
 
     With ``cache_dir`` the first call decodes into a cache file and every call returns it
     memory-mapped (``np.memmap`` opened with ``mode``); without, the pixels are decoded into
     memory. An image that fails to decode is logged with its id and left out. ``transform``
     (e.g. the model's stain normalisation) is applied to each image at the model's size; its
-    ``key`` is part of the cache's name.
+    ``key`` is part of the cache's name. ``crop``: the model's centre crop (``images.model_sized``).
     """
     if not cache_dir:
         pixels = np.empty((len(split), 3, *size), np.uint8)
-        rows = _decode_into(split, size, pixels, transform)
+        rows = _decode_into(split, size, pixels, transform, crop)
         return pixels[:len(rows)], rows
-    cache = _cache_path(split, size, cache_dir, getattr(transform, "key", ""))
+    cache = _cache_path(split, size, cache_dir, getattr(transform, "key", "") + (f"-crop{crop}" if crop < 1 else ""))
     if not cache.is_file():
-        _decode_to_cache(split, size, cache, transform)
+        _decode_to_cache(split, size, cache, transform, crop)
     rows = np.load(cache.with_suffix(".rows.npy")).tolist()
     return np.load(cache, mmap_mode=mode)[:len(rows)], rows  # rows past the decoded ones are unused
 
 
 def decode_split(split, size: tuple[int, int], cache_dir: str | Path | None,
-                 transform: Transform | None = None) -> tuple[torch.Tensor, list[int]]:
+                 transform: Transform | None = None, crop: float = 1.0) -> tuple[torch.Tensor, list[int]]:
     """``map_split`` as a torch tensor over the same memory, without a copy.
 
     The mapping is copy-on-write: a write changes this process's pages, never the cache, where a
     read-only mapping would crash the process on the first in-place write.
     """
-    pixels, rows = map_split(split, size, cache_dir, mode="c", transform=transform)
+    pixels, rows = map_split(split, size, cache_dir, mode="c", transform=transform, crop=crop)
     return torch.from_numpy(pixels), rows
 
 
@@ -92,21 +93,22 @@ def _cache_path(split, size: tuple[int, int], cache_dir, transform_key: str = ""
     return Path(cache_dir) / f"pixels-{key}-{size[0]}x{size[1]}.npy"
 
 
-def _decode_to_cache(split, size: tuple[int, int], cache: Path, transform: Transform | None) -> None:
+def _decode_to_cache(split, size: tuple[int, int], cache: Path, transform: Transform | None, crop: float) -> None:
     """Decode straight into a preallocated ``.npy`` file; it and its rows file appear complete or not at all."""
     with atomic_path(cache) as tmp:
         pixels = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(split), 3, *size))
-        rows = _decode_into(split, size, pixels, transform)
+        rows = _decode_into(split, size, pixels, transform, crop)
         pixels.flush()
         del pixels  # unmapped before the rename
         _save_npy(cache.with_suffix(".rows.npy"), np.asarray(rows, dtype=np.int64))  # before the pixels appear
 
 
-def _decode_into(split, size: tuple[int, int], pixels: np.ndarray, transform: Transform | None = None) -> list[int]:
+def _decode_into(split, size: tuple[int, int], pixels: np.ndarray, transform: Transform | None = None,
+                 crop: float = 1.0) -> list[int]:
     """Fill the first rows of ``pixels`` with the images that decode; their row indices."""
     ids = split["id"] if "id" in split.column_names else None
     rows = []
-    for i, array, error in _decoded(split, size, transform):
+    for i, array, error in _decoded(split, size, transform, crop):
         if error:
             log.warning("skipping image of row %d (id %s): %s", i, ids[i] if ids is not None else i, error)
             continue
@@ -119,25 +121,26 @@ def _decode_into(split, size: tuple[int, int], pixels: np.ndarray, transform: Tr
     return rows
 
 
-def _decoded(split, size: tuple[int, int], transform: Transform | None) -> Iterator[tuple[int, np.ndarray | None,
-                                                                                        str | None]]:
+def _decoded(split, size: tuple[int, int], transform: Transform | None,
+             crop: float) -> Iterator[tuple[int, np.ndarray | None, str | None]]:
     """(row, pixels, error) for each image, decoded DECODE_CHUNK at a time on a few threads."""
     images = split.select_columns(["image"]).cast_column("image", split.features["image"].__class__(decode=False))
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
         for start in range(0, len(images), DECODE_CHUNK):
             chunk = images[start:start + DECODE_CHUNK]["image"]
-            for i, (array, error) in enumerate(pool.map(lambda item: _decode_one(item, size, transform), chunk), start):
+            decoded = pool.map(functools.partial(_decode_one, size=size, transform=transform, crop=crop), chunk)
+            for i, (array, error) in enumerate(decoded, start):
                 yield i, array, error
 
 
-def _decode_one(item: dict, size: tuple[int, int], transform: Transform | None) -> tuple[np.ndarray | None,
-                                                                                         str | None]:
+def _decode_one(item: dict, size: tuple[int, int], transform: Transform | None,
+                crop: float) -> tuple[np.ndarray | None, str | None]:
     try:
         source = io.BytesIO(item["bytes"]) if item.get("bytes") else item["path"]
         with Image.open(source, formats=tuple(IMAGE_FORMATS)) as image:  # no EPS: it would run Ghostscript
             if transform is None:
-                return model_pixels(image, size), None  # the resize evaluation and captioning use too
-            return model_pixels(transform(model_sized(image, size)), size), None
+                return model_pixels(image, size, crop), None  # the crop and resize evaluation and captioning use too
+            return model_pixels(transform(model_sized(image, size, crop)), size), None
     except Exception as error:  # any decoder failure: report it, keep going
         return None, f"{type(error).__name__}: {error}"
 

@@ -300,16 +300,17 @@ def build_backend(cfg: RunConfig, train_split, schema, precision: str, out: Path
     decoding = dataclasses.asdict(eval_settings(cfg))
     backend.info.decoding = {k: v for k, v in decoding.items() if k not in ("device", "stain_norm")}  # eval decodes so
     if resume_dir is None:
-        _record_domain(backend, train_split, cfg.data.stain_norm)
+        backend.info.centre_crop = cfg.data.centre_crop
+        _record_domain(backend, train_split, cfg.data.stain_norm, cfg.data.centre_crop)
     return backend
 
 
-def _record_domain(backend: models.Backend, train_split, stain_norm: str) -> None:
+def _record_domain(backend: models.Backend, train_split, stain_norm: str, crop: float) -> None:
     """The training images' magnification and colour, in the model's info (``hemcap.domain``)."""
     from hemcap.domain import SAMPLE, measure_domain
 
     sample = train_split.select(range(min(SAMPLE, len(train_split))))
-    domain = measure_domain(sample["image"], stain_norm)
+    domain = measure_domain(sample["image"], stain_norm, crop)
     backend.info.magnification, backend.info.colour = domain.info_fields(len(sample))
     log.info("training images: red cells %s px in a %s px field; CIELAB mean %s", domain.red_cell_px,
              domain.field_px, domain.lab_mean)
@@ -317,7 +318,7 @@ def _record_domain(backend: models.Backend, train_split, stain_norm: str) -> Non
 
 def _train_batches(cfg: RunConfig, backend, split, out: Path, accelerator) -> tuple[TrainBatches, list[str]]:
     pixels, rows = map_split(split, backend.image_size, _cache_dir(cfg, out),  # memory-mapped: batches read their rows
-                             transform=_stain_normaliser(backend))
+                             transform=_stain_normaliser(backend), crop=backend.info.centre_crop)
     if cfg.data.captions == "variants":
         captions = split["captions"]
     else:
@@ -340,7 +341,8 @@ def _restained_copies(cfg: RunConfig, backend, split, out: Path, rows: list[int]
     copies = []
     for index in range(cfg.augment.restain_copies if cfg.augment.restain else 0):
         transform = Restained(cfg.augment.restain, index, cfg.train.seed, domain)
-        pixels, copy_rows = map_split(split, backend.image_size, _cache_dir(cfg, out), transform=transform)
+        pixels, copy_rows = map_split(split, backend.image_size, _cache_dir(cfg, out), transform=transform,
+                                      crop=backend.info.centre_crop)
         if copy_rows != rows:
             raise ValueError(f"restained copy {index}: {len(set(rows) ^ set(copy_rows))} images decoded either there "
                              "or among the training images, not in both (see the warnings above)")
@@ -378,7 +380,8 @@ def _own_processor(backend: models.Backend) -> models.Backend:
 
 def _val_set(cfg: RunConfig, backend, split, schema, out: Path) -> ValSet:
     """The validation images as ``hemcap eval`` gives them to the model (in the training images' colours)."""
-    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out), _stain_normaliser(backend))
+    pixels, rows = decode_split(split, backend.image_size, _cache_dir(cfg, out), _stain_normaliser(backend),
+                                backend.info.centre_crop)
     columns = {name: split[name] for name in schema.field_names}
     references, ids = split["captions"], split["id"]
     return ValSet(pixels, [ids[r] for r in rows], [list(references[r]) for r in rows],

@@ -147,3 +147,9 @@ def test_augment_values_out_of_range_are_reported_together():
     cfg = RunConfig.from_dict({"augment": {"scale": 0.15, "blur": 1, "jpeg_quality": 60}}).augment
     assert (cfg.scale, cfg.blur, cfg.jpeg_quality, cfg.gamma, cfg.noise) == (0.15, 1.0, 60, 0.0, 0.0)
     assert RunConfig.from_dict({}).augment.jpeg_quality is None
+
+
+def test_a_centre_crop_is_a_share_of_the_image():
+    with pytest.raises(ConfigError, match=r"data.centre_crop=0.1 should be between 0.25 and 1.0"):
+        RunConfig.from_dict({"data": {"path": "d", "centre_crop": 0.1}})
+    assert RunConfig.from_dict({"data": {"path": "d"}}).data.centre_crop == 1.0

@@ -89,6 +89,15 @@ def test_the_domain_shift_warns_past_any_limit():
     assert domain_shift([], None, []).warning is None  # nothing captioned: nothing to warn about
 
 
+def test_a_centre_crop_moves_the_colours_measured_but_not_the_magnification(cells):
+    from hemcap.images import centre_square
+
+    cropped = measure_domain(cells, "anchors", crop=0.5)
+    whole, seen = measure_domain(cells, "anchors"), measure_domain([centre_square(c, 0.5) for c in cells], "anchors")
+    assert (cropped.red_cell_px, cropped.field_px) == (whole.red_cell_px, whole.field_px)  # smears are cut whole
+    assert cropped.lab_mean == seen.lab_mean != whole.lab_mean  # colours of what the model is given
+
+
 def test_stain_normalisation_gives_red_cells_and_nuclei_the_training_densities():
     from hemcap.looks import stain_anchors
 

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from hemcap.images import READABLE, ImageError, check_image, iter_images, load_rgb, probe, square_crop, to_rgb
+from hemcap.images import (READABLE, ImageError, centre_square, check_image, iter_images, load_rgb, model_pixels,
+                           probe, square_crop, to_rgb)
 from hostile import EPS, png
 
 
@@ -195,3 +196,13 @@ def test_square_crop_pads_beyond_the_border():
     assert pixels[0, 0].tolist() == [255, 255, 255]  # outside the image: fill
     assert pixels[30, 30].tolist() == [10, 20, 30]  # inside: the image
     assert square_crop(image, (10, 10, 30, 30), size=16).size == (16, 16)
+
+
+def test_a_centre_crop_keeps_the_middle_of_a_pbc_sized_field():
+    field = Image.new("RGB", (360, 363), (0, 0, 255))  # blue surround, red cell 240 px across in the middle
+    field.paste((255, 0, 0), (60, 61, 300, 301))
+    assert centre_square(field, 2 / 3).size == (240, 240)
+    assert centre_square(field, 2 / 3).getcolors() == [(240 * 240, (255, 0, 0))]
+    whole, cell = model_pixels(field, (32, 32)), model_pixels(field, (32, 32), crop=2 / 3)
+    assert whole[2, 0, 0] == 255 and whole[0, 16, 16] == 255  # the whole field: blue corner, red middle
+    assert (cell[0] == 255).all() and (cell[2] == 0).all()  # the crop: only the cell, at the same input size

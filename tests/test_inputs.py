@@ -43,6 +43,17 @@ def test_decode_resizes_once_skips_bad_images_and_caches(split, tmp_path, caplog
     assert torch.equal(again, pixels) and rows_again == rows
 
 
+def test_a_centre_crop_is_decoded_as_captioning_crops_and_cached_apart(split, tmp_path):
+    from hemcap.images import model_pixels
+
+    whole, _ = decode_split(split, (16, 8), tmp_path)
+    cropped, rows = decode_split(split, (16, 8), tmp_path, crop=0.5)
+    image = Image.open(io.BytesIO(split.select([0]).cast_column("image", split.features["image"].__class__(
+        decode=False))[0]["image"]["bytes"]))
+    assert np.array_equal(cropped[0].numpy(), model_pixels(image, (16, 8), crop=0.5)) and rows == [0, 2]
+    assert len(list(tmp_path.glob("pixels-*-16x8.npy"))) == 2  # a cache of its own beside the whole images'
+
+
 def test_decode_reads_only_the_image_formats_of_hemcap_images(tmp_path, caplog):
     """A GIF decodes in Pillow but is not one of ours: the row is skipped, as an EPS would be
     (Pillow's EPS reader runs Ghostscript on the file)."""

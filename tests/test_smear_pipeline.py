@@ -61,6 +61,11 @@ def test_pipeline_settings_are_checked(engine):
     assert SmearPipeline(engine).crop_size == 64  # the captioner's input side
 
 
+def test_a_captioner_that_sees_the_middle_of_its_field_gets_wider_crops(engine, monkeypatch):
+    monkeypatch.setattr(engine.backend.info, "centre_crop", 0.5)
+    assert SmearPipeline(engine).crop_size == 128  # its centre crop of them is then the input side, unresized
+
+
 def test_run_auto_picks_the_path(pipeline):
     cell, _ = make_cells(1, seed=4, size=128)[0]
     smear, truth = draw_smear(5, n_wbc=2)

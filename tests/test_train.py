@@ -441,17 +441,18 @@ def test_a_folder_without_model_info_fails_with_one_sentence(tmp_path, capsys):
     assert "hemcap_model.json" in error
 
 
-@pytest.mark.parametrize("stain_norm", ["none", "anchors"])
-def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path, stain_norm):
+@pytest.mark.parametrize("stain_norm, crop", [("none", 1.0), ("anchors", 1.0), ("anchors", 0.75)])
+def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path, stain_norm, crop):
     from hemcap.cli import main
 
     out = tmp_path / "run"
     cfg = tiny_blip(data, out, max_steps=4, save_every=None)
-    cfg.data.stain_norm = stain_norm
+    cfg.data.stain_norm, cfg.data.centre_crop = stain_norm, crop
     fit(cfg)
     info = read_model_info(out / "model")
     validation = info.training["metrics"]
     assert info.colour["normalisation"] == stain_norm and info.magnification["field_px"] == 32  # the domain it saw
+    assert info.centre_crop == crop  # and the part of it the model was given: eval crops the same
     assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())

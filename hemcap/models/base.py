@@ -148,7 +148,8 @@ class BaseBackend:
 
         from hemcap.images import model_pixels
 
-        pixels = [r["pixels"] if "pixels" in r else torch.from_numpy(model_pixels(r["image"], self.image_size)) / 255
+        pixels = [r["pixels"] if "pixels" in r
+                  else torch.from_numpy(model_pixels(r["image"], self.image_size, self.info.centre_crop)) / 255
                   for r in rows]
         return pixels, {"do_resize": False, "do_rescale": False}
 

@@ -39,6 +39,8 @@ class ModelInfo:
     """The attribute schema its captions speak, as its YAML parses (``hemcap.schema.build_schema``)."""
     image_size: list[int] = field(default_factory=list)
     """[height, width] of the images the model takes."""
+    centre_crop: float = 1.0
+    """Share of each image's shorter side it sees, a centred square, before the resize to ``image_size``."""
     adapter: bool = False
     """A LoRA adapter on ``base_model`` rather than full weights."""
     base_model: str | None = None

@@ -198,10 +198,11 @@ class SmearPipeline:
 
 
 def engine_input_size(engine) -> int:
-    """The side of the square images the captioner takes (its processor resizes to it anyway)."""
+    """The side of the square crops to give the captioner: its input size, before its centre crop
+    (``ModelInfo.centre_crop``) keeps the middle of each at that size."""
     backend = getattr(engine, "backend", None)
     try:
-        return max(backend.image_size)
+        return round(max(backend.image_size) / backend.info.centre_crop)
     except (AttributeError, ValueError, TypeError):
         return DEFAULT_CROP_SIZE
 
