@@ -20,7 +20,7 @@ import numpy as np
 
 from hemcap.domain import COLOUR_LIMIT, CONFIDENCE_LIMIT, colour_distance, mean_confidence
 from hemcap.engine import CaptionEngine
-from hemcap.images import load_rgb, model_sized
+from hemcap.images import load_rgb
 from hemcap.recipes import get_split, load_prepared
 from hemcap.smear import Detection, SmearPipeline
 from hemcap.smear.labelled import load_smears
@@ -43,7 +43,7 @@ def in_domain(engine: CaptionEngine, data: Path, split: str, limit: int) -> list
     dataset, _ = load_prepared(data)
     rows = get_split(dataset, split).select(range(limit))
     images = [image.convert("RGB") for image in rows["image"]]
-    colours = [colour_distance(model_sized(image, engine.backend.image_size), engine.domain) for image in images]
+    colours = [colour_distance(engine.seen(image), engine.domain) for image in images]
     confidences = [mean_confidence(caption.confidences) for caption in engine.caption(images)]
     return list(zip(colours, confidences))
 

@@ -160,10 +160,13 @@ class CaptionEngine:
     def normalises_stain(self) -> bool:
         return self.settings.stain_norm and self.domain is not None and self.domain.normalises
 
+    def seen(self, image):
+        """What the model is given of ``image``: its centre crop (``ModelInfo.centre_crop``) at the input size."""
+        return model_sized(image, self.backend.image_size, self.backend.info.centre_crop)
+
     def normalised(self, image):
-        """``image`` at the model's input size, in the training images' colours (``hemcap.domain``)."""
-        sized = model_sized(image, self.backend.image_size, self.backend.info.centre_crop)
-        return normalise_stain(sized, self.domain)
+        """``image`` as the model sees it, in the training images' colours (``hemcap.domain``)."""
+        return normalise_stain(self.seen(image), self.domain)
 
     def _vote(self, views: list[Caption]) -> Caption:
         """One caption from several views: each field takes the value with the most summed confidence.

@@ -28,6 +28,18 @@ def test_batched_greedy_matches_one_generate_per_image(tiny_blip_dir, cells):
         assert [c.token_ids for c in captions] == [naive_ids(engine, im, 24) for im in cells]
 
 
+def test_a_model_that_sees_the_centre_captions_an_image_as_its_centre(tiny_blip_dir, cells, monkeypatch):
+    from hemcap.images import centre_square
+
+    engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=12)
+    centres = [centre_square(image, 0.5) for image in cells]
+    expected = [c.token_ids for c in engine.caption(centres)]
+    monkeypatch.setattr(engine.backend.info, "centre_crop", 0.5)
+    assert engine.seen(cells[0]).size == (64, 64) and [c.token_ids for c in engine.caption(cells)] == expected
+    with torch.inference_mode():
+        assert [naive_ids(engine, im, 12) for im in cells] == expected  # the backend's own pixels crop alike
+
+
 def test_token_probabilities_and_text(tiny_blip_dir, cells):
     engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=16)
     caption = engine.caption(cells[:1])[0]
