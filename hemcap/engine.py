@@ -21,7 +21,7 @@ from typing import Sequence
 
 from hemcap.captions import compiled_parser, tidy
 from hemcap.domain import Domain, normalise_stain
-from hemcap.images import model_sized
+from hemcap.images import model_pixels, model_sized
 from hemcap.schema import Schema, get_schema
 
 log = logging.getLogger(__name__)
@@ -143,8 +143,7 @@ class CaptionEngine:
 
         if not rows:
             return []
-        if self.normalises_stain:
-            rows = [{**row, "image": self.normalised(row["image"])} if "image" in row else row for row in rows]
+        rows = self.model_rows(rows)
         views = self.settings.tta_views
         if views > 1:
             rows = [{key: dihedral(value, k) for key, value in row.items() if key in ("image", "pixels")}
@@ -155,6 +154,16 @@ class CaptionEngine:
         if views == 1:
             return captions
         return [self._vote(captions[i : i + views]) for i in range(0, len(captions), views)]
+
+    def model_rows(self, rows: Sequence[dict]) -> list[dict]:
+        """``rows`` as the model is given them: with stain normalisation, each image as ``pixels``
+        cropped, resized and normalised here (the backend would crop an ``image`` a second time)."""
+        import torch
+
+        if not self.normalises_stain:
+            return list(rows)
+        return [{"pixels": torch.from_numpy(model_pixels(self.normalised(row["image"]), self.backend.image_size)) / 255}
+                if "image" in row else row for row in rows]
 
     @property
     def normalises_stain(self) -> bool:

@@ -40,6 +40,32 @@ def test_a_model_that_sees_the_centre_captions_an_image_as_its_centre(tiny_blip_
         assert [naive_ids(engine, im, 12) for im in cells] == expected  # the backend's own pixels crop alike
 
 
+def test_with_stain_normalisation_the_model_is_given_the_training_cache_pixels(tiny_blip_dir, cells, monkeypatch):
+    import io
+
+    import datasets
+
+    from hemcap.domain import measure_domain
+    from hemcap.inputs import map_split
+
+    engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=12)
+    domain = measure_domain(cells, "anchors", crop=0.5)
+    monkeypatch.setattr(engine, "domain", domain)
+    monkeypatch.setattr(engine.backend.info, "centre_crop", 0.5)
+    encoded = []
+    for image in cells:
+        encoded.append(io.BytesIO())
+        image.save(encoded[-1], format="PNG")
+    split = datasets.Dataset.from_dict({"id": [str(i) for i in range(len(cells))],
+                                        "image": [{"bytes": b.getvalue(), "path": None} for b in encoded]},
+                                       features=datasets.Features({"id": datasets.Value("string"),
+                                                                   "image": datasets.Image()}))
+    cache, _ = map_split(split, engine.backend.image_size, None, transform=domain.normaliser(), crop=0.5)
+    given = engine.model_rows([{"image": image} for image in cells])
+    assert engine.normalises_stain and all(torch.equal(row["pixels"], torch.from_numpy(pixels) / 255)
+                                           for row, pixels in zip(given, cache))  # cropped once, as in training
+
+
 def test_token_probabilities_and_text(tiny_blip_dir, cells):
     engine = CaptionEngine.from_dir(tiny_blip_dir, max_new_tokens=16)
     caption = engine.caption(cells[:1])[0]
