@@ -35,7 +35,6 @@ def test_recipes_in_the_shipped_configs():
     assert scratch.model.vision_config["image_size"] == 128 and scratch.train.batch_size == 48
     assert scratch.model.vision_stem == "conv" and scratch.model.attribute_loss == 1.0
     assert scratch.data.stain_norm == "stain" and scratch.augment.restain == 1.0  # issue 14's looks
-    assert scratch.data.centre_crop == 0.667  # the middle 240 px of a 360 px PBC field
 
 
 @pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).model.init == "scratch"], ids=lambda p: p.stem)
