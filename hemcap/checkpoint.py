@@ -9,6 +9,8 @@ A checkpoint is a directory ``step-00000123/`` holding
 - ``scaler.pt``: fp16's loss scale (``accelerator.scaler``), when training in fp16: without it a
   resumed run starts again at 65536 and skips the overflowing steps the original run did not;
 - ``rng-<rank>.pt``: every random generator's state, one file per process;
+- ``training_weights.pt``: with ``train.ema``, the weights being trained (``model/`` holds their
+  moving average, which is what validation scored);
 - ``trainer_state.json``: step, best figure, evaluation history, elapsed time, and what the run was
   trained with: ``config`` (the whole run config), ``precision`` (as resolved) and ``total_steps``;
 - ``manifest.json``, written last: every other file's size and SHA-256.
@@ -29,7 +31,8 @@ Fault injection: ``HEMCAP_FAULT_AT=<point>`` (or ``<point>#<n>``: the n-th visit
 SIGKILL itself at that point (``hemcap.fileio.fault_point``; unset, a point costs one environment
 lookup). The points, in the order a save reaches them: ``checkpoint:staged``, ``checkpoint:rng``,
 ``write:hemcap_model.json`` (inside the model save), ``checkpoint:model``, ``checkpoint:optimizer``,
-``checkpoint:scheduler``, ``checkpoint:scaler``, ``checkpoint:state``, ``checkpoint:manifest``,
+``checkpoint:scheduler``, ``checkpoint:scaler``, ``checkpoint:state``, ``checkpoint:training_weights``
+(with ``train.ema``), ``checkpoint:manifest``,
 ``checkpoint:synced``, ``checkpoint:renamed``; pruning, after every save: ``prune:moved`` and
 ``prune:removed`` for each checkpoint it deletes, then ``checkpoint:pruned``; every atomic file
 write: ``write:<name>`` (``write:config.yaml``); every staged folder: ``stage:<name>``
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 MANIFEST_FILE = "manifest.json"
 SCALER_FILE = "scaler.pt"
+TRAINING_WEIGHTS_FILE = "training_weights.pt"  # with train.ema: the weights being trained; model/ holds their average
 MODEL_SUBDIR = "model"
 LEGACY_FILES = (STATE_FILE, "optimizer.pt", "scheduler.pt", f"{MODEL_SUBDIR}/hemcap_model.json")
 _NAME = re.compile(r"step-(\d+)")
@@ -184,8 +188,10 @@ def _sha256(file: Path) -> str:
 # ------------------------------------------------------------------------------ writing
 
 
-def save_checkpoint(root: str | Path, step: int, backend, optimizer, scheduler, state: dict, accelerator) -> Path:
-    """Write checkpoint ``step`` under ``root`` atomically and durably; every process must call it."""
+def save_checkpoint(root: str | Path, step: int, backend, optimizer, scheduler, state: dict, accelerator,
+                    training_weights: dict | None = None) -> Path:
+    """Write checkpoint ``step`` under ``root`` atomically and durably; every process must call it.
+    ``training_weights``: the state dict being trained, when the backend's model holds their average."""
     root = Path(root)
     final = root / checkpoint_name(step)
     staging = root / f".{final.name}.tmp"
@@ -197,6 +203,8 @@ def save_checkpoint(root: str | Path, step: int, backend, optimizer, scheduler, 
     _save(staging / f"rng-{accelerator.process_index}.pt", rng_state(), "checkpoint:rng")
     if accelerator.is_main_process:
         _write_main_files(staging, backend, optimizer, scheduler, state, accelerator.scaler)
+        if training_weights is not None:
+            _save(staging / TRAINING_WEIGHTS_FILE, training_weights, "checkpoint:training_weights")
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _seal(staging, final)

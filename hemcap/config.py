@@ -154,6 +154,10 @@ class ModelConfig(_Section):
     """Label smoothing of the caption loss (blip)."""
     attribute_loss: float = 0.0
     """blip: weight of an auxiliary loss, a linear head per attribute on the image's [CLS] feature; 0: none."""
+    focal: float = 0.0
+    """blip: gamma of a focal loss for the captions and the attribute heads, each term weighted by (1 - p)^gamma; 0: plain cross-entropy."""
+    mixup: float = 0.0
+    """blip: alpha of mixup's Beta(alpha, alpha): training images blended in pairs, each caption's loss weighted by its share; 0: off."""
     vision_stem: str = "patch"
     """blip, init=scratch: the vision tower's patch layer: patch (one strided convolution) or conv (a small CNN)."""
     revision: str | None = None
@@ -170,6 +174,12 @@ class ModelConfig(_Section):
         problems += _positive(self, "vocab_size", "max_length")
         problems += _in_range(self, "label_smoothing", 0.0, 1.0)
         problems += _in_range(self, "attribute_loss", 0.0, 100.0)
+        problems += _in_range(self, "mixup", 0.0, 100.0)
+        problems += _in_range(self, "focal", 0.0, 10.0)
+        if self.focal and self.label_smoothing:
+            problems.append("focal: use either it or label_smoothing, not both")
+        if (self.mixup or self.focal) and self.backend not in ("blip", "auto"):
+            problems.append(f"mixup, focal: blip's losses; the {self.backend} backend trains on its model's own")
         problems += _one_of("vision_stem", self.vision_stem, STEMS)
         if self.vision_stem != "patch" and (self.init, self.backend) != ("scratch", "blip"):
             problems.append(f"vision_stem: {self.vision_stem} is built with random weights, for a blip backend with "
@@ -327,6 +337,8 @@ class TrainConfig(_Section):
     """Share of the steps spent warming up linearly from 0."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (null: no clipping)."""
+    ema: float | None = None
+    """Decay of an exponential moving average of the weights, which is validated and saved instead (null: off)."""
     precision: str | None = None
     """fp32, bf16, fp16 (CUDA only) or auto (bf16 on a GPU or CPU with native bf16); null: bf16 on a CUDA GPU that has it, else fp32."""
     threads: int | None = None
@@ -349,6 +361,8 @@ class TrainConfig(_Section):
         problems += _one_of("schedule", self.schedule, ("cosine", "linear", "constant"))
         problems += _one_of("precision", self.precision, (None, *PRECISIONS))
         problems += _in_range(self, "warmup_ratio", 0.0, 1.0)
+        if self.ema is not None and not 0 < self.ema < 1:
+            problems.append(f"ema={self.ema} should be a decay in (0, 1), or null")
         if self.weight_decay < 0:
             problems.append(f"weight_decay={self.weight_decay} should be >= 0")
         if self.prefetch is not None and self.prefetch < 0:
@@ -437,6 +451,8 @@ def _cross_section_problems(sections: dict) -> list[str]:
         problems.append("train.precision: use bf16 with nf4 (QLoRA computes in bf16)")
     if model and lora and model.attribute_loss and lora.enabled:
         problems.append("model.attribute_loss: the attribute heads train with the whole model, not under LoRA")
+    if train and lora and train.ema and lora.enabled:
+        problems.append("train.ema: the average copies the whole model, frozen base included; not under LoRA")
     return problems
 
 

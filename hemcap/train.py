@@ -81,6 +81,7 @@ class Run:
     precision: str = "fp32"  # as resolved: fp32, bf16 or fp16
     state: dict = field(default_factory=dict)  # step, best, history, elapsed_s: saved in checkpoints
     inputs: Prefetcher | None = None  # (rows, model inputs) of a micro-step, perhaps built ahead on a thread
+    ema: torch.nn.Module | None = None  # train.ema's moving average of the model (AveragedModel), or None
 
 
 # ------------------------------------------------------------------------------ entry points
@@ -173,14 +174,34 @@ def setup(cfg: RunConfig) -> Run:
               precision)
     build = functools.partial(micro_inputs, batches, _own_processor(backend).collate)
     run.inputs = _prefetcher(cfg, accelerator, build)
+    run.ema = _averaged_model(cfg, backend.model)  # resumed: the checkpoint's model folder holds the average
     run.state = {"step": 0, "elapsed_s": 0.0, "best_metric": None, "best_step": None, "evals_since_best": 0,
                  "history": []}
     if resume_dir is not None:
         run.state.update(checkpoint.load_training_state(resume_dir, optimizer, scheduler, accelerator.process_index,
                                                         accelerator.scaler, keep_settings=cfg.train.force))
+        _load_training_weights(run, resume_dir)
         log.info("resumed from %s at step %d", resume_dir, run.state["step"])
     _start_logs(run)
     return run
+
+
+def _averaged_model(cfg: RunConfig, model) -> torch.nn.Module | None:
+    """The exponential moving average of ``model``'s weights and batch-norm statistics that ``train.ema`` asks for."""
+    if not cfg.train.ema:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema), use_buffers=True)
+
+
+def _load_training_weights(run: Run, resume_dir: Path) -> None:
+    """A checkpoint saved under ``train.ema`` holds the average as its model, the trained weights beside it."""
+    path = resume_dir / checkpoint.TRAINING_WEIGHTS_FILE
+    if path.is_file():
+        run.backend.model.load_state_dict(torch.load(path, weights_only=True, map_location="cpu"))
+    if run.ema is not None:
+        run.ema.n_averaged.fill_(max(1, run.state["step"]))  # averaging goes on, not restarting from a copy
 
 
 def resolve_precision(precision: str | None) -> str:
@@ -445,7 +466,7 @@ def train_step(run: Run, step: int) -> float:
         rows, inputs = run.inputs(micro)
         inputs = {key: value.to(accelerator.device) for key, value in inputs.items()}
         sync = accelerator.no_sync(run.model) if k < accum - 1 else contextlib.nullcontext()
-        with sync:
+        with sync, accelerator.autocast():  # a backend may call the model's parts, not its wrapped forward
             loss = run.backend.training_loss(run.model, inputs)
             if not torch.isfinite(loss):
                 ids = [run.train_ids[r] for r in rows]
@@ -459,6 +480,8 @@ def train_step(run: Run, step: int) -> float:
     if not accelerator.optimizer_step_was_skipped:  # fp16 skips steps whose gradients overflowed
         run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
+    if run.ema is not None:
+        run.ema.update_parameters(run.backend.model)
     return total
 
 
@@ -513,6 +536,22 @@ def validate(run: Run) -> dict:
     return caption_scores(predictions, run.val.references, run.val.truth, run.schema) | {"examples": predictions[:3]}
 
 
+@contextlib.contextmanager
+def averaged_weights(run: Run):
+    """With ``train.ema``, the model holds the averaged weights for the block (validation, saving) and
+    the block is given the trained ones, which come back after it; without, nothing changes (None)."""
+    if run.ema is None:
+        yield None
+        return
+    model = run.backend.model
+    trained = {name: value.detach().clone() for name, value in model.state_dict().items()}
+    model.load_state_dict(run.ema.module.state_dict())
+    try:
+        yield trained
+    finally:
+        model.load_state_dict(trained)
+
+
 def caption_scores(predictions: list[str], references: list[list[str]], truth: list[dict], schema) -> dict:
     """The validation figures, computed as ``hemcap eval`` computes them: mean attribute accuracy
     (omitted counts wrong), cell type, CIDEr-D, BLEU-4, and each field's accuracy."""
@@ -529,7 +568,8 @@ def caption_scores(predictions: list[str], references: list[list[str]], truth: l
 def _evaluate_and_save(run: Run) -> bool:
     """Validate, log, checkpoint, prune; True when early stopping says stop."""
     step = run.state["step"]
-    metrics = validate(run)
+    with averaged_weights(run):
+        metrics = validate(run)
     figure = metrics[run.cfg.eval.metric]
     improved = run.state["best_metric"] is None or figure > run.state["best_metric"]
     if improved:
@@ -551,8 +591,9 @@ def _save(run: Run) -> None:
     root = run.out / "checkpoints"
     state = {**run.state, "config": run.cfg.to_dict(), "precision": run.precision, "total_steps": run.total_steps}
     run.backend.info.training = _summary(run)  # a checkpoint's model folder knows where it stands
-    checkpoint.save_checkpoint(root, run.state["step"], run.backend, run.optimizer, run.scheduler, state,
-                               run.accelerator)
+    with averaged_weights(run) as trained:
+        checkpoint.save_checkpoint(root, run.state["step"], run.backend, run.optimizer, run.scheduler, state,
+                                   run.accelerator, training_weights=trained)
     if run.accelerator.is_main_process:
         checkpoint.prune_checkpoints(root, run.cfg.train.keep_last, run.state["best_step"])
 

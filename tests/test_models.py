@@ -296,6 +296,55 @@ def test_attribute_heads_are_saved_beside_a_plain_model_and_restored(captions, t
         RunConfig.from_dict({"model": {"attribute_loss": 1.0}, "lora": {"enabled": True}})
 
 
+def test_mixup_blends_image_pairs_and_weights_both_captions_losses_by_their_shares(captions):
+    torch.manual_seed(0)
+    backend = load_backend(blip_config(attribute_loss=0.5, mixup=0.4), captions)
+    model, batch = backend.model, backend.collate(rows(captions, n=4), train=True)
+    torch.manual_seed(1)
+    loss = backend.training_loss(model, dict(batch))
+    torch.manual_seed(1)  # the same draws: the share, then the partners
+    lam = float(torch.distributions.Beta(0.4, 0.4).sample())
+    perm = torch.randperm(4)
+    mixed = lam * batch["pixel_values"] + (1 - lam) * batch["pixel_values"][perm]
+    expected = 0.0
+    for share, order in ((lam, torch.arange(4)), (1 - lam, perm)):
+        out = model(pixel_values=mixed, input_ids=batch["input_ids"][order],
+                    attention_mask=batch["attention_mask"][order], labels=batch["labels"][order])
+        heads = backend.info.attribute_heads["weight"] * model.attribute_heads.loss(
+            out.image_embeds[:, 0], batch["attribute_labels"][order])
+        expected = expected + share * (out.loss + heads)
+    assert 0 < lam < 1 and perm.tolist() != [0, 1, 2, 3]
+    assert torch.allclose(loss, expected, atol=1e-5)
+    model.eval()  # outside training, the plain loss of the batch as it is
+    plain = backend.training_loss(model, dict(batch))
+    model.train()
+    assert not torch.allclose(plain, loss)
+    from hemcap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.mixup=-1.0 should be between"):
+        blip_config(mixup=-1.0)
+
+
+def test_focal_loss_weights_each_term_by_one_minus_its_probability(captions):
+    from hemcap.models.base import focal_cross_entropy
+
+    logits, labels = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [5.0, 0.0, 0.0]]), torch.tensor([0, 0, IGNORE_INDEX])
+    p = torch.softmax(logits, -1)[[0, 1], [0, 0]]
+    assert torch.allclose(focal_cross_entropy(logits, labels, 2.0), ((1 - p) ** 2 * -p.log()).mean())
+    assert torch.allclose(focal_cross_entropy(logits, labels, 0.0),
+                          torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX))
+    torch.manual_seed(0)
+    backend = load_backend(blip_config(attribute_loss=1.0, focal=2.0), captions)
+    batch = backend.collate(rows(captions, n=4), train=True)
+    focal = backend.training_loss(backend.model, dict(batch))
+    backend.focal = 0.0
+    assert 0 < focal < backend.training_loss(backend.model, dict(batch))  # every term weighted by less than 1
+    from hemcap.config import ConfigError
+
+    with pytest.raises(ConfigError, match="focal: use either it or label_smoothing"):
+        blip_config(focal=2.0, label_smoothing=0.1)
+
+
 # ------------------------------------------------------------------------------ convolutional stem
 
 

@@ -65,10 +65,18 @@ def losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
 
 
-@pytest.mark.parametrize("lora, heads, stem", [(False, 0.0, "patch"), (True, 0.0, "patch"), (False, 1.0, "conv")],
-                         ids=["full", "lora", "heads-conv-stem"])
-def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch, lora, heads, stem):
-    fit(tiny_blip(data, tmp_path / "straight", lora, heads, stem))
+def weights(folder: Path) -> dict[str, torch.Tensor]:
+    """A saved model's floating-point weights, attribute heads and batch-norm statistics included."""
+    from hemcap.models import load_trained
+
+    return {k: v for k, v in load_trained(folder).model.state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("lora, heads, stem, ema", [(False, 0.0, "patch", None), (True, 0.0, "patch", None),
+                                                    (False, 1.0, "conv", None), (False, 1.0, "conv", 0.5)],
+                         ids=["full", "lora", "heads-conv-stem", "ema"])
+def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch, lora, heads, stem, ema):
+    fit(tiny_blip(data, tmp_path / "straight", lora, heads, stem, ema=ema))
 
     real_save = checkpoint.save_checkpoint
 
@@ -80,17 +88,45 @@ def test_a_killed_run_resumed_gives_the_same_losses(data, tmp_path, monkeypatch,
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_then_die)
     with pytest.raises(KeyboardInterrupt):
-        fit(tiny_blip(data, tmp_path / "killed", lora, heads, stem))
+        fit(tiny_blip(data, tmp_path / "killed", lora, heads, stem, ema=ema))
     monkeypatch.undo()
     assert not [t for t in threading.enumerate() if t.name == "hemcap-prefetch"], "the prefetch thread ended"
     assert sorted(losses(tmp_path / "killed")) == [1, 2]
-    fit(tiny_blip(data, tmp_path / "killed", lora, heads, stem, resume="auto"))
+    fit(tiny_blip(data, tmp_path / "killed", lora, heads, stem, ema=ema, resume="auto"))
 
     straight, resumed = losses(tmp_path / "straight"), losses(tmp_path / "killed")
     assert sorted(resumed) == sorted(straight) == [1, 2, 3, 4]
     for step in straight:
         assert resumed[step] == pytest.approx(straight[step], abs=1e-5), step
     assert straight[1] != straight[2]  # the steps really trained
+    if ema:  # the average goes on across the resume, from the trained weights, not from their average
+        final = {name: weights(tmp_path / name / "model") for name in ("straight", "killed")}
+        for key, value in final["straight"].items():
+            assert torch.allclose(final["killed"][key], value, atol=1e-5), key
+
+
+def test_with_ema_the_saved_model_is_the_moving_average_and_training_is_unchanged(data, tmp_path):
+    fit(tiny_blip(data, tmp_path / "plain", heads=1.0, stem="conv", save_every=1))
+    fit(tiny_blip(data, tmp_path / "ema", heads=1.0, stem="conv", ema=0.5))
+    assert losses(tmp_path / "ema") == losses(tmp_path / "plain")
+    trained = [weights(tmp_path / "plain" / "checkpoints" / f"step-{s:08d}" / "model") for s in (1, 2, 3, 4)]
+    average = weights(tmp_path / "ema" / "model")
+    last = tmp_path / "ema" / "checkpoints" / "step-00000004"
+    beside = torch.load(last / checkpoint.TRAINING_WEIGHTS_FILE, weights_only=True)
+    moved = 0
+    for key, value in average.items():  # decay 0.5 from a copy of step 1: w1/8 + w2/8 + w3/4 + w4/2
+        expected = (trained[0][key] + trained[1][key]) / 8 + trained[2][key] / 4 + trained[3][key] / 2
+        assert torch.allclose(value, expected, atol=1e-5), key
+        assert torch.allclose(beside[key].float(), trained[3][key], atol=1e-6), key
+        moved += not torch.allclose(value, trained[3][key])
+    assert moved > len(average) // 2
+    assert read_model_info(tmp_path / "ema" / "model").training["config"]["train"]["ema"] == 0.5
+    from hemcap.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"ema=1.5 should be a decay in \(0, 1\)"):
+        tiny_blip(data, tmp_path / "x", ema=1.5)
+    with pytest.raises(ConfigError, match="train.ema: the average copies the whole model"):
+        tiny_blip(data, tmp_path / "x", lora=True, ema=0.9)
 
 
 def test_checkpoints_keep_last_n_and_the_best(data, tmp_path):

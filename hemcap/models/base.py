@@ -216,6 +216,16 @@ def _prepare_quantized(model):
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
+def focal_cross_entropy(logits, labels, gamma: float):
+    """Cross-entropy with each term weighted by (1 - p)^gamma, p the probability given to its label
+    (Lin et al. 2017: what the model already gets right counts less); mean over labelled positions."""
+    import torch
+
+    ce = torch.nn.functional.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="none")
+    weighted = (1 - torch.exp(-ce)).pow(gamma) * ce
+    return weighted.sum() / (labels != IGNORE_INDEX).sum().clamp(min=1)
+
+
 def token_logprobs(model, out, num_beams: int):
     """Log-probability of each generated token; beam search scores are already normalised."""
     return model.compute_transition_scores(out.sequences, out.scores, getattr(out, "beam_indices", None),

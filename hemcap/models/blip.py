@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from hemcap.models import stem
-from hemcap.models.base import IGNORE_INDEX, BaseBackend, ModelError, load_hf_model, model_device, token_logprobs
+from hemcap.models.base import (
+    IGNORE_INDEX, BaseBackend, ModelError, focal_cross_entropy, load_hf_model, model_device, token_logprobs)
 
 if TYPE_CHECKING:
     from hemcap.config import ModelConfig
@@ -30,6 +31,7 @@ class BlipBackend(BaseBackend):
     title = "BLIP captioning model"
     pipeline_tag = "image-to-text"
     vision_prefixes = ("vision_model",)
+    mixup = focal = 0.0  # model.mixup and model.focal, set by configure for training
 
     @classmethod
     def build_scratch(cls, cfg: ModelConfig, captions: list[str]):
@@ -68,6 +70,7 @@ class BlipBackend(BaseBackend):
 
         self.check_special_tokens()
         self.model.text_decoder.label_smoothing = cfg.label_smoothing  # read at init; set it for loaded models too
+        self.mixup, self.focal = cfg.mixup, cfg.focal
         self.info.vision_stem = stem.spec_of(self.model)
         if cfg.attribute_loss and heads.heads_of(self.model) is None:
             hidden = self.model.config.vision_config.hidden_size
@@ -95,15 +98,47 @@ class BlipBackend(BaseBackend):
             heads.restore(self.model, folder, self.info.attribute_heads)
 
     def training_loss(self, model, batch: dict):
-        """The caption loss, plus ``attribute_loss`` times the attribute heads' on the [CLS] feature."""
+        """The caption loss, plus ``attribute_loss`` times the attribute heads' on the [CLS] feature;
+        under ``mixup``, that of blended image pairs."""
+        labels = batch.pop("attribute_labels", None)
+        if self.mixup and model.training:
+            return self._mixed_loss(model, batch, labels)
+        out = model(**batch)
+        return self._caption_loss(out, batch["labels"]) + self._heads_loss(model, out.image_embeds, labels)
+
+    def _mixed_loss(self, model, batch: dict, labels):
+        """mixup (Zhang et al. 2018): image i blended with image j = perm(i) in shares lam and 1 - lam;
+        its loss is lam times caption i's plus 1 - lam times caption j's (one vision pass, two decoder
+        passes). Noisy labels, as WBCAtt's nucleus_shape may be, are what it was shown to resist."""
+        import torch
+
+        inner = getattr(model, "module", model)
+        lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+        perm = torch.randperm(batch["pixel_values"].shape[0], device=batch["pixel_values"].device)
+        pixels = lam * batch["pixel_values"] + (1 - lam) * batch["pixel_values"][perm]
+        image = inner.vision_model(pixel_values=pixels).last_hidden_state
+        loss = 0.0
+        for share, rows in ((lam, slice(None)), (1 - lam, perm)):
+            text = inner.text_decoder(input_ids=batch["input_ids"][rows], attention_mask=batch["attention_mask"][rows],
+                                      encoder_hidden_states=image, labels=batch["labels"][rows], reduction="mean")
+            mine = None if labels is None else labels[rows]
+            loss = loss + share * (self._caption_loss(text, batch["labels"][rows]) + self._heads_loss(model, image, mine))
+        return loss
+
+    def _caption_loss(self, out, labels):
+        """The decoder's own (mean cross-entropy of the next token), or its focal form under ``focal``."""
+        if not self.focal:
+            return out.loss
+        logits = out.logits[:, :-1]
+        return focal_cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), self.focal)
+
+    def _heads_loss(self, model, image_embeds, labels):
         from hemcap.models import heads
 
-        labels = batch.pop("attribute_labels", None)
-        out = model(**batch)
         if labels is None:
-            return out.loss
-        attribute_loss = heads.heads_of(model).loss(out.image_embeds[:, 0], labels)
-        return out.loss + self.info.attribute_heads["weight"] * attribute_loss
+            return 0.0
+        weight = self.info.attribute_heads["weight"]
+        return weight * heads.heads_of(model).loss(image_embeds[:, 0], labels, self.focal)
 
     def check_special_tokens(self) -> None:
         """BLIP starts from bos_token_id, stops at sep_token_id and pads with pad_token_id: all must be the tokenizer's."""

@@ -17,7 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from hemcap.models.base import IGNORE_INDEX
+from hemcap.models.base import IGNORE_INDEX, focal_cross_entropy
 
 HEADS = "attribute_heads"  # the submodule's name on the model
 HEADS_FILE = "attribute_heads.safetensors"
@@ -34,11 +34,16 @@ class AttributeHeads(torch.nn.Module):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: self.linear[name](features) for name in self.fields}
 
-    def loss(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Mean over fields of each field's cross-entropy (labels: one column per field)."""
-        logits = self(features.float())
-        losses = [torch.nn.functional.cross_entropy(logits[name], labels[:, i], ignore_index=IGNORE_INDEX)
-                  for i, name in enumerate(self.fields)]
+    def loss(self, features: torch.Tensor, labels: torch.Tensor, focal: float = 0.0) -> torch.Tensor:
+        """Mean over fields of each field's cross-entropy (labels: one column per field; ``focal``:
+        its gamma), in fp32 also under the training loop's autocast."""
+        with torch.autocast(features.device.type, enabled=False):
+            logits = self(features.float())
+        if focal:
+            losses = [focal_cross_entropy(logits[name], labels[:, i], focal) for i, name in enumerate(self.fields)]
+        else:
+            losses = [torch.nn.functional.cross_entropy(logits[name], labels[:, i], ignore_index=IGNORE_INDEX)
+                      for i, name in enumerate(self.fields)]
         return torch.stack(losses).mean()
 
 
