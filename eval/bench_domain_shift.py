@@ -43,7 +43,7 @@ def in_domain(engine: CaptionEngine, data: Path, split: str, limit: int) -> list
     dataset, _ = load_prepared(data)
     rows = get_split(dataset, split).select(range(limit))
     images = [image.convert("RGB") for image in rows["image"]]
-    colours = [colour_distance(engine.seen(image), engine.domain) for image in images]
+    colours = [colour_distance(engine.seen(image), engine.domain, field=image) for image in images]
     confidences = [mean_confidence(caption.confidences) for caption in engine.caption(images)]
     return list(zip(colours, confidences))
 

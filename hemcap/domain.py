@@ -48,6 +48,10 @@ class Domain:
     background_rgb: tuple[float, float, float] | None = None  # RGB of the slide background, median
     red_cell_od: tuple[float, float, float] | None = None  # red cells' optical density per channel, median
     nucleus_od: tuple[float, float, float] | None = None  # white-cell nuclei's, likewise (``looks.stain_anchors``)
+    # A model that sees only each field's centre (``centre_crop``) is warned on whole fields: the centre is
+    # mostly the white cell, whose colours differ far less from lab to lab than background and red cells.
+    field_lab_mean: tuple[float, float, float] | None = None  # CIELAB means of the whole fields; None: no crop
+    field_lab_spread: tuple[float, float, float] | None = None  # their spread around ``field_lab_mean``
 
     @classmethod
     def from_info(cls, info) -> "Domain | None":
@@ -55,7 +59,7 @@ class Domain:
         magnification, colour = info.magnification or {}, info.colour or {}
         if not magnification and not colour:
             return None
-        colours = {k: _triple(colour.get(k)) for k in COLOUR_KEYS}
+        colours = {k: _triple(colour.get(k)) for k in COLOUR_KEYS + FIELD_KEYS}
         return cls(magnification.get("red_cell_px"), magnification.get("field_px"),
                    normalisation=colour.get("normalisation", "none"), **colours)
 
@@ -64,6 +68,7 @@ class Domain:
         magnification = {"red_cell_px": self.red_cell_px, "field_px": self.field_px, "images": images,
                          "red_cells_by": "hemcap.smear.magnification.estimate_red_cell_px"}
         colour = {**{k: getattr(self, k) for k in COLOUR_KEYS}, "images": images, "normalisation": self.normalisation}
+        colour.update({k: getattr(self, k) for k in FIELD_KEYS if getattr(self, k) is not None})
         return magnification, colour
 
     @property
@@ -75,7 +80,8 @@ class Domain:
 
 
 COLOUR_KEYS = ("lab_mean", "lab_std", "lab_spread", "background", "red_cells", "background_rgb", "red_cell_od",
-               "nucleus_od")
+               "nucleus_od")  # what the normaliser reads (and a cache of normalised pixels is keyed by)
+FIELD_KEYS = ("field_lab_mean", "field_lab_spread")  # the shift warning's, for a model that crops
 
 
 def _triple(values) -> tuple[float, float, float] | None:
@@ -85,9 +91,9 @@ def _triple(values) -> tuple[float, float, float] | None:
 def measure_domain(images: Sequence[Image.Image], normalisation: str = "none", crop: float = 1.0) -> Domain:
     """The domain of a model's training images (the first ``SAMPLE`` are enough): colours on what the
     model sees of each (its ``crop``, ``ModelInfo.centre_crop``), red cells and field on the whole image,
-    as a smear's cells are cut over the whole field before that crop."""
+    as a smear's cells are cut over the whole field before that crop (and, with a crop, the whole
+    fields' colours for the shift warning)."""
     from hemcap.images import centre_square
-    from hemcap.looks import stain_anchors
     from hemcap.smear.magnification import estimate_red_cell_px
 
     if normalisation not in NORMALISATIONS:
@@ -96,16 +102,36 @@ def measure_domain(images: Sequence[Image.Image], normalisation: str = "none", c
     if not images:
         raise ValueError("measure_domain: no training images")
     seen = [centre_square(image, crop) for image in images] if crop < 1 else images
-    stats = [colour_statistics(image) for image in seen]
     sizes = [size.px for image in images if (size := estimate_red_cell_px(image)).px]
-    means, stds, backgrounds = (np.stack([s[k] for s in stats]) for k in range(3))
-    reds = [s[3] for s in stats if s[3] is not None]
-    stains = [stain_anchors(image) for image in seen]
     return Domain(_median(sizes), _median([(image.width * image.height) ** 0.5 for image in images]),
-                  _rounded(np.median(means, axis=0)), _rounded(np.median(stds, axis=0)),
-                  _rounded(np.maximum(np.std(means, axis=0), 1.0)),  # >= 1 Lab unit: a uniform set has no spread
-                  _rounded(np.median(backgrounds, axis=0)), _median_of(reds), normalisation,
-                  *(_median_of([stain[k] for stain in stains if stain[k] is not None]) for k in range(3)))
+                  normalisation=normalisation, **_colours(seen), **(_field_colours(images) if crop < 1 else {}))
+
+
+def _colours(seen: list[Image.Image]) -> dict:
+    """``COLOUR_KEYS`` of the images as the model sees them: CIELAB statistics and stain anchors."""
+    from hemcap.looks import stain_anchors
+
+    stats = [colour_statistics(image) for image in seen]
+    stains = [stain_anchors(image) for image in seen]
+    lab_mean, lab_spread = _mean_and_spread([s[0] for s in stats])
+    anchors = {key: _median_of([stain[k] for stain in stains if stain[k] is not None])
+               for k, key in enumerate(("background_rgb", "red_cell_od", "nucleus_od"))}
+    return {"lab_mean": lab_mean, "lab_std": _median_of([s[1] for s in stats]), "lab_spread": lab_spread,
+            "background": _median_of([s[2] for s in stats]),
+            "red_cells": _median_of([s[3] for s in stats if s[3] is not None]), **anchors}
+
+
+def _field_colours(images: list[Image.Image]) -> dict:
+    """``FIELD_KEYS``: the whole fields' CIELAB means and their spread."""
+    from hemcap.looks import lab_statistics
+
+    mean, spread = _mean_and_spread([lab_statistics(image)[0] for image in images])
+    return {"field_lab_mean": mean, "field_lab_spread": spread}
+
+
+def _mean_and_spread(means: list[np.ndarray]) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """Median of the images' CIELAB means and their spread (>= 1 Lab unit: a uniform set has no spread)."""
+    return _rounded(np.median(means, axis=0)), _rounded(np.maximum(np.std(means, axis=0), 1.0))
 
 
 def _median_of(rows: Sequence[np.ndarray]) -> tuple[float, float, float] | None:
@@ -223,13 +249,15 @@ class StainNormaliser:
         return f"{d.normalisation}:{[getattr(d, k) for k in COLOUR_KEYS]}" if d.normalises else ""
 
 
-def colour_distance(image: Image.Image, domain: Domain) -> float:
-    """How far ``image``'s CIELAB means sit from the training images', in training spreads
-    (root mean square over L, a and b; 1 = a typical training image)."""
+def colour_distance(image: Image.Image, domain: Domain, field: Image.Image | None = None) -> float:
+    """How far ``image`` (what the model sees) sits from the training images in CIELAB means, in training
+    spreads (root mean square over L, a and b; 1 = a typical training image). Given the whole ``field``
+    it was cut from, a model that sees only each field's centre is measured on the field instead."""
     from hemcap.looks import lab_statistics
 
-    mean = lab_statistics(image)[0]
-    z = (mean - np.asarray(domain.lab_mean)) / np.asarray(domain.lab_spread)
+    on_field = field is not None and domain.field_lab_mean is not None
+    mean, spread = (domain.field_lab_mean, domain.field_lab_spread) if on_field else (domain.lab_mean, domain.lab_spread)
+    z = (lab_statistics(field if on_field else image)[0] - np.asarray(mean)) / np.asarray(spread)
     return float(np.sqrt(np.mean(z**2)))
 
 

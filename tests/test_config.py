@@ -32,7 +32,9 @@ def test_recipes_in_the_shipped_configs():
     assert qlora.train.precision == "bf16" and qlora.model.backend == "chat"
     scratch = load_config(CONFIGS[0].parent / "blip_small_scratch.yaml")
     assert scratch.train.max_minutes and scratch.train.max_minutes <= 90  # issue 17's CPU budget
-    assert scratch.model.vision_config["image_size"] == 128 and scratch.train.batch_size == 48
+    vision = scratch.model.vision_config
+    assert (vision["image_size"], vision["patch_size"], scratch.data.centre_crop) == (256, 32, 0.667)  # issue 17
+    assert scratch.train.batch_size == 48
     assert scratch.model.vision_stem == "conv" and scratch.model.attribute_loss == 1.0
     assert scratch.data.stain_norm == "stain" and scratch.augment.restain == 1.0  # issue 14's looks
 

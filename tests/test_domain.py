@@ -7,6 +7,7 @@ from PIL import Image
 
 from hemcap.domain import (COLOUR_LIMIT, WARNING, Domain, colour_distance, colour_statistics, domain_shift,
                            field_side, measure_domain, normalise_stain)
+from hemcap.images import centre_square
 from hemcap.looks import Look, restyle
 from hemcap.models.info import ModelInfo
 from hemcap.synthetic import draw_smear, make_cells
@@ -89,13 +90,24 @@ def test_the_domain_shift_warns_past_any_limit():
     assert domain_shift([], None, []).warning is None  # nothing captioned: nothing to warn about
 
 
-def test_a_centre_crop_moves_the_colours_measured_but_not_the_magnification(cells):
-    from hemcap.images import centre_square
-
+def test_a_centre_crop_moves_the_colours_measured_but_not_the_magnification(cells, domain):
     cropped = measure_domain(cells, "anchors", crop=0.5)
-    whole, seen = measure_domain(cells, "anchors"), measure_domain([centre_square(c, 0.5) for c in cells], "anchors")
-    assert (cropped.red_cell_px, cropped.field_px) == (whole.red_cell_px, whole.field_px)  # smears are cut whole
-    assert cropped.lab_mean == seen.lab_mean != whole.lab_mean  # colours of what the model is given
+    seen = measure_domain([centre_square(c, 0.5) for c in cells], "anchors")
+    assert (cropped.red_cell_px, cropped.field_px) == (domain.red_cell_px, domain.field_px)  # smears are cut whole
+    assert cropped.lab_mean == seen.lab_mean != domain.lab_mean  # colours of what the model is given
+    assert (cropped.field_lab_mean, cropped.field_lab_spread) == (domain.lab_mean, domain.lab_spread)
+    assert domain.field_lab_mean is None  # a model given the whole field is warned on it anyway
+    magnification, colour = cropped.info_fields(12)
+    assert Domain.from_info(ModelInfo("blip", {"name": "x"}, magnification=magnification, colour=colour)) == cropped
+
+
+def test_a_model_that_sees_only_the_centre_is_warned_on_the_whole_field(cells, domain):
+    cropped = measure_domain(cells, "anchors", crop=0.5)
+    field = other_lab(cells[0])  # another lab's field around this lab's white cell: the centre is unchanged
+    field.paste(centre_square(cells[0], 0.5), (24, 24))
+    seen = centre_square(field, 0.5)
+    assert colour_distance(seen, cropped) < 1 < colour_distance(seen, cropped, field=field)  # 0.9 and 2.5
+    assert colour_distance(seen, domain, field=field) == colour_distance(seen, domain)  # no crop: what it sees
 
 
 def test_stain_normalisation_gives_red_cells_and_nuclei_the_training_densities():

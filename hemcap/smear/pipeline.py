@@ -170,8 +170,8 @@ class SmearPipeline:
         and its domain shift (``hemcap.domain``); None for a model that does not record its domain."""
         if self.domain is None:
             return None
-        seen = [self.engine.seen(crop) for crop in crops]  # the training colours were measured on what it saw
-        colours = [colour_distance(image, self.domain) for image in seen] if self.domain.lab_mean else []
+        colours = [colour_distance(self.engine.seen(crop), self.domain, field=crop)  # what it saw, or the field
+                   for crop in crops] if self.domain.lab_mean else []
         upscale = self.crop_size / field if field else None
         confidences = [mean_confidence(caption.confidences) for caption in captions]
         shift = domain_shift(colours, upscale, [c for c in confidences if c is not None], unknown_magnification)
