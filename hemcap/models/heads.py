@@ -39,12 +39,8 @@ class AttributeHeads(torch.nn.Module):
         its gamma), in fp32 also under the training loop's autocast."""
         with torch.autocast(features.device.type, enabled=False):
             logits = self(features.float())
-        if focal:
-            losses = [focal_cross_entropy(logits[name], labels[:, i], focal) for i, name in enumerate(self.fields)]
-        else:
-            losses = [torch.nn.functional.cross_entropy(logits[name], labels[:, i], ignore_index=IGNORE_INDEX)
-                      for i, name in enumerate(self.fields)]
-        return torch.stack(losses).mean()
+        losses = [focal_cross_entropy(logits[name], labels[:, i], focal) for i, name in enumerate(self.fields)]
+        return torch.stack(losses).mean()  # gamma 0: each field's plain cross-entropy
 
 
 def attach(model, hidden: int, schema, weight: float) -> dict:
