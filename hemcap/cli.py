@@ -332,6 +332,25 @@ def _run_train(args) -> int:
 
 
 @subcommand
+def _add_refine(sub) -> None:
+    refine = sub.add_parser("refine", help="fit a trained model's refiner: chosen fields re-decided from its "
+                                           "attribute heads and the nucleus geometry (hemcap.refine)")
+    refine.add_argument("--model", required=True, help="trained model dir with attribute heads (e.g. runs/x/model)")
+    refine.add_argument("--data", required=True, help="the prepared dataset it was trained on (its train split is read)")
+    refine.add_argument("--fields", nargs="+", required=True, help="fields to refine, e.g. nucleus_shape")
+    refine.add_argument("--cells", type=int, default=None, help="training cells to measure, evenly spaced (default 1500)")
+    refine.set_defaults(run=_run_refine)
+
+
+def _run_refine(args) -> int:
+    from hemcap.refine import CELLS, fit_refiner
+
+    spec = fit_refiner(args.model, args.data, args.fields, args.cells or CELLS)
+    print(f"refiner for {', '.join(spec['fields'])} fitted on {spec['cells']} cells, written to {args.model}")
+    return 0
+
+
+@subcommand
 def _add_export(sub) -> None:
     export = sub.add_parser("export", help="write a standalone model from a LoRA adapter (--merge)")
     export.add_argument("model_dir", help="trained model dir holding a LoRA adapter (e.g. runs/x/model)")

@@ -339,6 +339,8 @@ class TrainConfig(_Section):
     """Clip the gradient norm to this (null: no clipping)."""
     ema: float | None = None
     """Decay of an exponential moving average of the weights, which is validated and saved instead (null: off)."""
+    refine: list[str] = field(default_factory=list)
+    """Fields the final model re-decides from its attribute heads and nucleus geometry, fitted on the training split (hemcap.refine); []: none."""
     precision: str | None = None
     """fp32, bf16, fp16 (CUDA only) or auto (bf16 on a GPU or CPU with native bf16); null: bf16 on a CUDA GPU that has it, else fp32."""
     threads: int | None = None
@@ -451,6 +453,10 @@ def _cross_section_problems(sections: dict) -> list[str]:
         problems.append("train.precision: use bf16 with nf4 (QLoRA computes in bf16)")
     if model and lora and model.attribute_loss and lora.enabled:
         problems.append("model.attribute_loss: the attribute heads train with the whole model, not under LoRA")
+    if train and model and train.refine and not model.attribute_loss:
+        problems.append("train.refine: the refiner reads the attribute heads (set model.attribute_loss > 0)")
+    if train and train.refine and model and model.backend not in ("blip", "auto"):
+        problems.append(f"train.refine: for blip's attribute heads; the {model.backend} backend has none")
     if train and lora and train.ema and lora.enabled:
         problems.append("train.ema: the average copies the whole model, frozen base included; not under LoRA")
     return problems

@@ -143,17 +143,19 @@ class CaptionEngine:
 
         if not rows:
             return []
-        rows = self.model_rows(rows)
+        seen = rows = self.model_rows(rows)
         views = self.settings.tta_views
         if views > 1:
             rows = [{key: dihedral(value, k) for key, value in row.items() if key in ("image", "pixels")}
-                    for row in rows for k in range(views)]
+                    for row in seen for k in range(views)]
         with torch.inference_mode(), _eval_mode(self.backend.model):
             ids, logprobs = self._generate(rows)
-        captions = [self._caption(row_ids, row_logprobs) for row_ids, row_logprobs in zip(ids, logprobs)]
-        if views == 1:
-            return captions
-        return [self._vote(captions[i : i + views]) for i in range(0, len(captions), views)]
+            captions = [self._caption(row_ids, row_logprobs) for row_ids, row_logprobs in zip(ids, logprobs)]
+            if views > 1:
+                captions = [self._vote(captions[i : i + views]) for i in range(0, len(captions), views)]
+            if getattr(self.backend, "refiner", None) is not None:  # after voting: the refiner reads view 0
+                captions = self._refined(captions, seen)
+        return captions
 
     def model_rows(self, rows: Sequence[dict]) -> list[dict]:
         """``rows`` as the model is given them: with stain normalisation, each image as ``pixels``
@@ -200,6 +202,21 @@ class CaptionEngine:
         else:
             text = agreeing.text
         return Caption(text, agreeing.token_ids, agreeing.token_probs, attributes, confidences, {})
+
+    def _refined(self, captions: list[Caption], rows: Sequence[dict]) -> list[Caption]:
+        """Each refined field takes the refiner's value (``hemcap.models.refiner``) and the caption becomes
+        the schema's sentence for the result, as under voting; one that leaves another field unstated
+        stays as generated (no sentence can say it)."""
+        from hemcap.captions import render
+        from hemcap.refine import refined
+
+        for caption, values in zip(captions, refined(self.backend, rows)):
+            attributes = {**caption.attributes, **{name: value for name, (value, _) in values.items()}}
+            if any(value is None for value in attributes.values()):
+                continue
+            caption.attributes, caption.text, caption.contradictions = attributes, render(attributes, self.schema), {}
+            caption.confidences.update({name: probability for name, (_, probability) in values.items()})
+        return captions
 
     def _generate(self, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[float]]]:
         ids, logprobs = [], []

@@ -149,7 +149,7 @@ def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None, 
     batch_size = batch_size or engine.settings.decode_chunk
     records = []
     with tqdm(total=len(rows), desc="captioning", unit="img") as bar:
-        for batch in _batches(rows, batch_size):
+        for batch in batches(rows, batch_size):
             if transform:
                 batch = [{**row, "image": transform(row["image"])} for row in batch]
             for row, caption in zip(batch, engine.caption_rows(batch)):
@@ -158,7 +158,8 @@ def caption_dataset(engine: CaptionEngine, rows, batch_size: int | None = None, 
     return records
 
 
-def _batches(rows, size: int) -> Iterator[list[dict]]:
+def batches(rows, size: int) -> Iterator[list[dict]]:
+    """A prepared split's rows as lists of ``size`` dicts."""
     for start in range(0, len(rows), size):
         block = rows[start : start + size]  # one columnar read per batch, images decoded here
         yield [dict(zip(block, values)) for values in zip(*block.values())]

@@ -159,6 +159,7 @@ def setup(cfg: RunConfig) -> Run:
         check_resume(cfg, resume_dir, {"config": cfg.to_dict(), "precision": precision})
     set_seed(cfg.train.seed)
     dataset, meta, schema = _load_data(cfg, accelerator)
+    _check_refine(cfg, schema)
     train_split, val_split = dataset["train"], dataset["val"]
     backend = build_backend(cfg, train_split, schema, precision, out, resume_dir, accelerator)
     with accelerator.main_process_first():  # one process decodes, the others read its cache
@@ -184,6 +185,16 @@ def setup(cfg: RunConfig) -> Run:
         log.info("resumed from %s at step %d", resume_dir, run.state["step"])
     _start_logs(run)
     return run
+
+
+def _check_refine(cfg: RunConfig, schema) -> None:
+    """``train.refine`` names fields of the data's schema: said now, not after the run."""
+    from hemcap.config import ConfigError
+    from hemcap.refine import unknown_fields
+
+    problems = unknown_fields(schema, cfg.train.refine)
+    if problems:
+        raise ConfigError("train.refine: " + "; ".join(problems))
 
 
 def _averaged_model(cfg: RunConfig, model) -> torch.nn.Module | None:
@@ -663,6 +674,10 @@ def _finish(run: Run) -> Path:
             models.write_model_info(staging, info)
         log.info("model written to %s (step %d, %s %.4f)", final, run.state["best_step"], run.cfg.eval.metric,
                  run.state["best_metric"])
+        if run.cfg.train.refine:  # after training, on the finished folder: max_minutes does not cover it
+            from hemcap.refine import fit_refiner
+
+            fit_refiner(final, run.cfg.data.path, run.cfg.train.refine, split=run.cfg.data.train_split)
     accelerator.wait_for_everyone()
     return final
 

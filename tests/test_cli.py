@@ -36,3 +36,14 @@ def test_bad_csv_gets_one_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err
     assert "missing column 'cell_size'" in err and "missing column 'granularity'" in err
+
+
+def test_refine_names_every_reason_it_cannot_fit(model_dir, tmp_path, capsys):
+    data = tmp_path / "cells"
+    assert main(["prepare", "synthetic", "--out", str(data), "--n-train", "2", "--n-val", "1", "--n-test", "1"]) == 0
+    before = sorted(p.name for p in model_dir.iterdir())
+    code = main(["refine", "--model", str(model_dir), "--data", str(data), "--fields", "nucleus_shape", "lobes"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "field 'lobes' is not in the model's schema" in err and "has no attribute heads" in err
+    assert sorted(p.name for p in model_dir.iterdir()) == before  # nothing written

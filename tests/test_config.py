@@ -36,6 +36,7 @@ def test_recipes_in_the_shipped_configs():
     assert (vision["image_size"], vision["patch_size"], scratch.data.centre_crop) == (256, 32, 0.667)  # issue 17
     assert scratch.train.batch_size == 48
     assert scratch.model.vision_stem == "conv" and scratch.model.attribute_loss == 1.0
+    assert scratch.train.refine == ["nucleus_shape"]  # issue 17: the nucleus geometry's second look
     assert scratch.data.stain_norm == "stain" and scratch.augment.restain == 1.0  # issue 14's looks
 
 

@@ -367,6 +367,7 @@ def test_conv_stem_replaces_the_patch_layer_and_reloads_with_its_weights(caption
     for name, tensor in stem.state_dict().items():  # the batch-norm statistics too
         assert torch.equal(reloaded.model.vision_model.embeddings.patch_embedding.state_dict()[name], tensor), name
     assert reloaded.info.vision_stem == backend.info.vision_stem
+    assert not reloaded.model.vision_model.embeddings.patch_embedding.training  # loaded in eval mode, like the rest
 
 
 def test_a_lora_adapter_reloads_on_a_base_with_a_conv_stem(captions, tmp_path):

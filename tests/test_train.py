@@ -519,3 +519,33 @@ def test_restained_copies_are_decoded_once_each_beside_the_training_images(data,
     cfg.train.output_dir = str(tmp_path / "again")
     fit(cfg)
     assert caches() == first  # decoded once: the second run reads them
+
+
+def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_path):
+    from hemcap.captions import render
+    from hemcap.config import ConfigError
+    from hemcap.engine import Caption, CaptionEngine
+    from hemcap.models import refiner
+    from hemcap.recipes import get_split
+    from hemcap.refine import refined
+
+    model = fit(tiny_blip(data, tmp_path / "run", heads=1.0, stem="conv", refine=["nucleus_shape"]))
+    spec = read_model_info(model).refiner
+    assert spec["fields"] == {"nucleus_shape": 6} and spec["cells"] == 24 and (model / refiner.REFINER_FILE).is_file()
+    engine = CaptionEngine.from_dir(model)
+    rows = list(get_split(load_prepared(data)[0], "val"))
+    assert len(engine.caption_rows(rows)) == len(rows)  # the refiner runs inside the one decoding path
+    seen = engine.model_rows(rows[:2])
+    wanted = refined(engine.backend, seen)[0]["nucleus_shape"]
+    stated = {name: rows[0][name] for name in engine.schema.field_names}
+    complete = Caption("as generated", [], [], dict(stated), dict.fromkeys(stated, 0.5))
+    partial = Caption("as generated", [], [], {**stated, "cell_size": None}, dict.fromkeys(stated, 0.5))
+    complete, partial = engine._refined([complete, partial], seen)
+    assert (complete.attributes["nucleus_shape"], complete.confidences["nucleus_shape"]) == wanted
+    assert complete.text == render(complete.attributes, engine.schema)
+    assert (partial.text, partial.attributes["nucleus_shape"]) == ("as generated", stated["nucleus_shape"])
+    with pytest.raises(ConfigError, match="train.refine: the refiner reads the attribute heads"):
+        tiny_blip(data, tmp_path / "x", refine=["nucleus_shape"])
+    with pytest.raises(ConfigError, match="train.refine: field 'lobes' is not in the model's schema"):
+        fit(tiny_blip(data, tmp_path / "y", heads=1.0, refine=["lobes"]))  # at once, not after training
+    assert not (tmp_path / "y" / "checkpoints").exists()

@@ -32,6 +32,7 @@ class BlipBackend(BaseBackend):
     pipeline_tag = "image-to-text"
     vision_prefixes = ("vision_model",)
     mixup = focal = 0.0  # model.mixup and model.focal, set by configure for training
+    refiner = None  # hemcap.models.refiner's, when the folder has one (restore)
 
     @classmethod
     def build_scratch(cls, cfg: ModelConfig, captions: list[str]):
@@ -82,20 +83,36 @@ class BlipBackend(BaseBackend):
         return self.info.schema_object()
 
     def save(self, out_dir):
-        """Weights, processor and info as every backend saves them; the attribute heads beside them."""
-        from hemcap.models import heads
+        """Weights, processor and info as every backend saves them; the attribute heads and the refiner beside them."""
+        from hemcap.models import heads, refiner
 
         with heads.detached(self.model) as attached:
-            if attached is not None:
+            if attached is not None or self.refiner is not None:
                 Path(out_dir).mkdir(parents=True, exist_ok=True)
+            if attached is not None:
                 heads.save(attached, out_dir)  # before the info, which is written last
+            if self.refiner is not None:
+                refiner.save(self.refiner, out_dir)
             return super().save(out_dir)
 
     def restore(self, folder) -> None:
-        from hemcap.models import heads
+        from hemcap.models import heads, refiner
 
         if self.info.attribute_heads:
             heads.restore(self.model, folder, self.info.attribute_heads)
+        if self.info.refiner:
+            self.refiner = refiner.restore(folder, self.info.refiner)
+
+    def attribute_logprobs(self, rows: Sequence[dict]) -> dict:
+        """The attribute heads' log-probabilities per field for ``rows`` (one vision pass, fp32)."""
+        import torch
+
+        from hemcap.models import heads
+
+        features = self.encode_images(self.pixel_values(rows))[:, 0].float()
+        with torch.autocast(features.device.type, enabled=False):
+            logits = heads.heads_of(self.model)(features)
+        return {name: values.log_softmax(-1) for name, values in logits.items()}
 
     def training_loss(self, model, batch: dict):
         """The caption loss, plus ``attribute_loss`` times the attribute heads' on the [CLS] feature;

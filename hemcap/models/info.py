@@ -63,6 +63,9 @@ class ModelInfo:
     """Auxiliary attribute heads trained with it (``hemcap.models.heads``): weight, hidden size, fields."""
     vision_stem: dict | None = None
     """A convolutional stem in place of the vision tower's patch layer (``hemcap.models.stem``); None: none."""
+    refiner: dict | None = None
+    """A second look at some fields from the heads and the nucleus geometry (``hemcap.models.refiner``):
+    fields (number of values each), inputs, cells fitted on, minutes; None: none."""
     test_metrics: dict | None = None
     """Headline figures on a held-out test split, once measured."""
     version: int = INFO_VERSION

@@ -73,14 +73,15 @@ def restore(model, folder: str | Path, spec: dict) -> None:
     """Rebuild the stem ``spec`` describes, with its weights from ``folder``'s safetensors."""
     from safetensors import safe_open
 
-    placeholder = model.vision_model.embeddings.patch_embedding.weight  # the loaded model's dtype and device
+    placeholder = model.vision_model.embeddings.patch_embedding  # the loaded model's dtype, device and mode
     attach(model, spec)
     stem, weights = model.vision_model.embeddings.patch_embedding, {}
     for path in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(path), "pt") as file:
             weights.update({k[len(PREFIX):]: file.get_tensor(k) for k in file.keys() if k.startswith(PREFIX)})
     stem.load_state_dict(weights)  # strict: a stem without its weights is an error, not a random one
-    stem.to(dtype=placeholder.dtype, device=placeholder.device)
+    stem.to(dtype=placeholder.weight.dtype, device=placeholder.weight.device)
+    stem.train(placeholder.training)  # a loaded model is in eval mode: its batch norms use their running statistics
 
 
 def saved_spec(name_or_path) -> dict | None:

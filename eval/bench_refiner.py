@@ -1,0 +1,57 @@
+"""What a model's refiner costs at captioning time: the same cells with it and without, side by side.
+
+The refiner (``hemcap.models.refiner``) adds a vision pass for the attribute heads and the nucleus
+geometry of every cell (``hemcap.morphometry``). The two engines share one loaded model; rounds
+alternate so that other load on the machine falls on both alike.
+
+    python eval/bench_refiner.py --model runs/blip_small_scratch/model --data runs/data/wbcatt --images 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from hemcap.engine import CaptionEngine
+from hemcap.evaluation import batches
+from hemcap.morphometry import nucleus_geometry
+from hemcap.recipes import get_split, load_prepared
+from hemcap.refine import seen_rgb
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="a model folder with a refiner (train.refine, hemcap refine)")
+    parser.add_argument("--data", required=True, help="prepared dataset")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    engine = CaptionEngine.from_dir(args.model)
+    refiner = engine.backend.refiner
+    if refiner is None:
+        raise SystemExit(f"{args.model} has no refiner: fit one with `hemcap refine` first")
+    split = get_split(load_prepared(args.data)[0], args.split)
+    rows = next(batches(split.select(range(min(args.images, len(split)))), args.images))
+    seen = engine.model_rows(rows)
+    started = time.perf_counter()
+    for row in seen:
+        nucleus_geometry(seen_rgb(engine.backend, row))
+    print(f"nucleus geometry: {1000 * (time.perf_counter() - started) / len(seen):.1f} ms per cell")
+    rates = {"without": [], "with": []}
+    for _ in range(args.rounds):
+        for name in rates:
+            engine.backend.refiner = refiner if name == "with" else None
+            started = time.perf_counter()
+            engine.caption_rows(rows)
+            rates[name].append(len(rows) / (time.perf_counter() - started))
+    best = {name: max(r) for name, r in rates.items()}
+    for name, r in rates.items():
+        print(f"{name} the refiner: best {best[name]:.1f} cells/s, median {np.median(r):.1f} ({args.rounds} rounds)")
+    print(f"ratio (with / without, best): {best['with'] / best['without']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
