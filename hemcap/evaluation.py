@@ -70,7 +70,8 @@ def evaluate(options: EvalOptions, settings: dict | None = None) -> dict:
             records, baseline_labels=_train_labels(options.data_dir, dataset), reannotations=options.reannotations,
             meteor=options.meteor, seed=options.seed,
             meta={"model": str(options.model_dir), "data": str(options.data_dir), "split": options.split,
-                  "stain_norm": engine.domain.normalisation if engine.normalises_stain else "off"},
+                  "stain_norm": engine.domain.normalisation if engine.normalises_stain else "off",
+                  "refined": sorted((engine.backend.info.refiner or {}).get("fields", {}))},
             schema=engine.schema,
         )
         if options.looks:

@@ -498,6 +498,7 @@ def test_validation_figures_equal_hemcap_eval_on_the_same_split(data, tmp_path, 
     assert validation["cider"] == metrics["caption"]["cider_d"]
     assert validation["bleu_4"] == metrics["caption"]["bleu_4"]
     assert metrics["meta"]["stain_norm"] == ("off" if stain_norm == "none" else stain_norm)
+    assert metrics["meta"]["refined"] == []  # no refiner: every value is the caption's
     assert main(["eval", "--model", str(out / "model"), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "raw"), "--no-meteor", "--no-stain-norm"]) == 0
     assert json.loads((tmp_path / "raw" / "metrics.json").read_text())["meta"]["stain_norm"] == "off"
@@ -523,9 +524,10 @@ def test_restained_copies_are_decoded_once_each_beside_the_training_images(data,
 
 def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_path):
     from hemcap.captions import render
+    from hemcap.cli import main
     from hemcap.config import ConfigError
     from hemcap.engine import Caption, CaptionEngine
-    from hemcap.models import refiner
+    from hemcap.models import load_trained, refiner
     from hemcap.recipes import get_split
     from hemcap.refine import refined
 
@@ -535,6 +537,11 @@ def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_pa
     engine = CaptionEngine.from_dir(model)
     rows = list(get_split(load_prepared(data)[0], "val"))
     assert len(engine.caption_rows(rows)) == len(rows)  # the refiner runs inside the one decoding path
+    assert main(["eval", "--model", str(model), "--data", str(data), "--split", "validation",
+                 "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["refined"] == ["nucleus_shape"]
+    again = load_trained(engine.backend.save(tmp_path / "again")).refiner  # a re-saved folder keeps it
+    assert torch.equal(again.linear["nucleus_shape"].weight, engine.backend.refiner.linear["nucleus_shape"].weight)
     seen = engine.model_rows(rows[:2])
     wanted = refined(engine.backend, seen)[0]["nucleus_shape"]
     stated = {name: rows[0][name] for name in engine.schema.field_names}
