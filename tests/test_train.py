@@ -522,7 +522,7 @@ def test_restained_copies_are_decoded_once_each_beside_the_training_images(data,
     assert caches() == first  # decoded once: the second run reads them
 
 
-def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_path):
+def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_path, capsys):
     from hemcap.captions import render
     from hemcap.cli import main
     from hemcap.config import ConfigError
@@ -534,12 +534,17 @@ def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_pa
     model = fit(tiny_blip(data, tmp_path / "run", heads=1.0, stem="conv", refine=["nucleus_shape"]))
     spec = read_model_info(model).refiner
     assert spec["fields"] == {"nucleus_shape": 6} and spec["cells"] == 24 and (model / refiner.REFINER_FILE).is_file()
+    scores = spec["validation"]["nucleus_shape"]  # on the 4 validation cells, beside training's own validation
+    assert scores["refiner"] in (0, 0.25, 0.5, 0.75, 1)
+    assert scores["captions"] == read_model_info(model).training["metrics"]["field_accuracy"]["nucleus_shape"]
     engine = CaptionEngine.from_dir(model)
     rows = list(get_split(load_prepared(data)[0], "val"))
     assert len(engine.caption_rows(rows)) == len(rows)  # the refiner runs inside the one decoding path
     assert main(["eval", "--model", str(model), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["refined"] == ["nucleus_shape"]
+    assert main(["refine", "--model", str(model), "--data", str(data), "--fields", "nucleus_shape", "--cells", "12"]) == 0
+    assert "nucleus_shape: " in capsys.readouterr().out and read_model_info(model).refiner["cells"] == 12  # refitted
     again = load_trained(engine.backend.save(tmp_path / "again")).refiner  # a re-saved folder keeps it
     assert torch.equal(again.linear["nucleus_shape"].weight, engine.backend.refiner.linear["nucleus_shape"].weight)
     seen = engine.model_rows(rows[:2])
