@@ -1,10 +1,11 @@
 """Fit a trained model's refiner on its training split, and apply it (``hemcap.models.refiner``).
 
 ``hemcap refine --model M --data D --fields nucleus_shape`` (or ``train.refine`` at the end of a
-run) measures every training cell as the model sees it (stain-normalised, cropped, at its input
+run) measures training cells as the model sees them (stain-normalised, cropped, at its input
 size): the attribute heads' log-probabilities and the nucleus geometry (``hemcap.morphometry``),
-fits one regression per field, and writes ``refiner.safetensors`` and ``ModelInfo.refiner`` into
-the model folder. The engine then applies it to every caption.
+fits one regression per field, scores it on the validation split, and writes
+``refiner.safetensors`` and ``ModelInfo.refiner`` into the model folder. The engine then applies
+it to every caption.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-CELLS = 1500  # training cells measured, evenly spaced: 75.7 % nucleus_shape on validation, as with 3,000 (1,000: 73.3)
+CELLS = 1500  # training cells measured, evenly spaced: 75.7 % nucleus_shape on validation as with 3,000; 1,000: 73.3
 
 
 class RefineError(ValueError):
@@ -69,7 +70,8 @@ def fit_refiner(model_dir: str | Path, data_dir: str | Path, fields: Sequence[st
     engine = CaptionEngine.from_dir(model_dir)
     backend, started = engine.backend, time.monotonic()
     _check_fields(backend, fields, model_dir)
-    rows, val_rows = _rows(data_dir, split, cells), _rows(data_dir, val_split) if val_split else None  # a missing split: now
+    rows = _rows(data_dir, split, cells)
+    val_rows = _rows(data_dir, val_split) if val_split else None  # read now: a missing split is said before the work
     inputs, labels = _measure(engine, rows, fields)
     sizes = {name: len(backend.schema.values(name)) for name in fields}
     fitted = refiner_module.fit(inputs, labels, sizes)

@@ -543,7 +543,8 @@ def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_pa
     assert main(["eval", "--model", str(model), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["refined"] == ["nucleus_shape"]
-    assert main(["refine", "--model", str(model), "--data", str(data), "--fields", "nucleus_shape", "--cells", "12"]) == 0
+    assert main(["refine", "--model", str(model), "--data", str(data), "--fields", "nucleus_shape",
+                 "--cells", "12"]) == 0
     assert "nucleus_shape: " in capsys.readouterr().out and read_model_info(model).refiner["cells"] == 12  # refitted
     again = load_trained(engine.backend.save(tmp_path / "again")).refiner  # a re-saved folder keeps it
     assert torch.equal(again.linear["nucleus_shape"].weight, engine.backend.refiner.linear["nucleus_shape"].weight)
