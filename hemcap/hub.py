@@ -53,7 +53,7 @@ validated clinically. Do not use it to make or support decisions about patients.
 |---|---|
 {{ metrics_table }}
 
-Mean attribute accuracy counts an attribute the caption omits as wrong.
+Mean attribute accuracy counts an attribute the caption omits as wrong.{{ refiner_text }}
 
 ## Use
 
@@ -117,7 +117,20 @@ def build_model_card(model_dir: str | Path, repo_id: str, license: str | None = 
         data, template_str=CARD_TEMPLATE, model_name=name,
         kind_text=_kind_text(info, summary), training_text=_training_text(summary),
         data_text=_data_text(summary), data_name=recipe, metrics_table=_metrics_table(summary.get("metrics", {})),
-        usage=_usage(repo_id), license_text=_license_text(data, recipe), domain_text=_domain_text(info))
+        usage=_usage(repo_id), license_text=_license_text(data, recipe), domain_text=_domain_text(info),
+        refiner_text=_refiner_text(info))
+
+
+def _refiner_text(info) -> str:
+    """The fields a refiner decides (``hemcap.models.refiner``), with its validation figure beside the captions'."""
+    if not info.refiner:
+        return ""
+    scores = info.refiner.get("validation") or {}
+    parts = [f"{name} {s['refiner']:.4f} (the captions: {s['captions']:.4f})" if s.get("captions") is not None
+             else f"{name} {s['refiner']:.4f}" for name, s in scores.items() if s.get("refiner") is not None]
+    figures = f" On validation: {'; '.join(parts)}." if parts else ""
+    return (f" The table is the captions' own; the model then re-decides {', '.join(info.refiner['fields'])} from its "
+            f"attribute heads and the measured nucleus geometry (a refiner fitted on the training split).{figures}")
 
 
 def _domain_text(info) -> str:

@@ -93,6 +93,18 @@ def test_model_card_metadata_validates_offline(adapter_dir):
     assert "red cells 74 px across in a 362 px field" in text and "(`stain` normalisation)" in text
 
 
+def test_card_says_which_fields_a_refiner_decides(tmp_path, captions):
+    tiny_blip(captions).save(tmp_path / "m")
+    write_summary(tmp_path / "m", lora=False)
+    assert "refiner" not in build_model_card(tmp_path / "m", "me/x").text
+    info = read_model_info(tmp_path / "m")
+    info.refiner = {"fields": {"nucleus_shape": 6}, "inputs": 62, "cells": 1500, "minutes": 1.6,
+                    "validation": {"nucleus_shape": {"refiner": 0.75049, "captions": 0.71553}}}
+    write_model_info(tmp_path / "m", info)
+    text = build_model_card(tmp_path / "m", "me/x").text
+    assert "re-decides nucleus_shape" in text and "nucleus_shape 0.7505 (the captions: 0.7155)" in text
+
+
 def test_card_names_the_base_model_and_its_license(tmp_path, captions):
     backend = tiny_blip(captions)
     backend.save(tmp_path / "m")
