@@ -87,8 +87,7 @@ class BlipBackend(BaseBackend):
         from hemcap.models import heads, refiner
 
         with heads.detached(self.model) as attached:
-            if attached is not None or self.refiner is not None:
-                Path(out_dir).mkdir(parents=True, exist_ok=True)
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
             if attached is not None:
                 heads.save(attached, out_dir)  # before the info, which is written last
             if self.refiner is not None:
@@ -105,13 +104,9 @@ class BlipBackend(BaseBackend):
 
     def attribute_logprobs(self, rows: Sequence[dict]) -> dict:
         """The attribute heads' log-probabilities per field for ``rows`` (one vision pass, fp32)."""
-        import torch
-
         from hemcap.models import heads
 
-        features = self.encode_images(self.pixel_values(rows))[:, 0].float()
-        with torch.autocast(features.device.type, enabled=False):
-            logits = heads.heads_of(self.model)(features)
+        logits = heads.heads_of(self.model).fp32_logits(self.encode_images(self.pixel_values(rows))[:, 0])
         return {name: values.log_softmax(-1) for name, values in logits.items()}
 
     def training_loss(self, model, batch: dict):

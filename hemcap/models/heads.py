@@ -34,11 +34,15 @@ class AttributeHeads(torch.nn.Module):
     def forward(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
         return {name: self.linear[name](features) for name in self.fields}
 
+    def fp32_logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Each field's logits in fp32, also under the training loop's (or a caller's) autocast."""
+        with torch.autocast(features.device.type, enabled=False):
+            return self(features.float())
+
     def loss(self, features: torch.Tensor, labels: torch.Tensor, focal: float = 0.0) -> torch.Tensor:
         """Mean over fields of each field's cross-entropy (labels: one column per field; ``focal``:
         its gamma), in fp32 also under the training loop's autocast."""
-        with torch.autocast(features.device.type, enabled=False):
-            logits = self(features.float())
+        logits = self.fp32_logits(features)
         losses = [focal_cross_entropy(logits[name], labels[:, i], focal) for i, name in enumerate(self.fields)]
         return torch.stack(losses).mean()  # gamma 0: each field's plain cross-entropy
 
