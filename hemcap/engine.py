@@ -22,6 +22,7 @@ from typing import Sequence
 from hemcap.captions import compiled_parser, tidy
 from hemcap.domain import Domain, normalise_stain
 from hemcap.images import model_pixels, model_sized
+from hemcap.models import Generated
 from hemcap.schema import Schema, get_schema
 
 log = logging.getLogger(__name__)
@@ -149,12 +150,13 @@ class CaptionEngine:
             rows = [{key: dihedral(value, k) for key, value in row.items() if key in ("image", "pixels")}
                     for row in seen for k in range(views)]
         with torch.inference_mode(), _eval_mode(self.backend.model):
-            ids, logprobs = self._generate(rows)
+            ids, logprobs, heads = self._generate(rows)
             captions = [self._caption(row_ids, row_logprobs) for row_ids, row_logprobs in zip(ids, logprobs)]
             if views > 1:
                 captions = [self._vote(captions[i : i + views]) for i in range(0, len(captions), views)]
             if getattr(self.backend, "refiner", None) is not None:  # after voting: the refiner reads view 0
-                captions = self._refined(captions, seen)
+                heads = {name: values[::views] for name, values in heads.items()} if heads else None
+                captions = self._refined(captions, seen, heads)
         return captions
 
     def model_rows(self, rows: Sequence[dict]) -> list[dict]:
@@ -203,14 +205,15 @@ class CaptionEngine:
             text = agreeing.text
         return Caption(text, agreeing.token_ids, agreeing.token_probs, attributes, confidences, {})
 
-    def _refined(self, captions: list[Caption], rows: Sequence[dict]) -> list[Caption]:
+    def _refined(self, captions: list[Caption], rows: Sequence[dict], heads: dict | None = None) -> list[Caption]:
         """Each refined field takes the refiner's value (``hemcap.models.refiner``) and the caption becomes
         the schema's sentence for the result, as under voting; one that leaves another field unstated
-        stays as generated (no sentence can say it)."""
+        stays as generated (no sentence can say it). ``heads``: the rows' heads' log-probabilities from
+        the captioning pass (``Generated.heads``); None: the refiner encodes the rows again."""
         from hemcap.captions import render
         from hemcap.refine import refined
 
-        for caption, values in zip(captions, refined(self.backend, rows)):
+        for caption, values in zip(captions, refined(self.backend, rows, heads)):
             attributes = {**caption.attributes, **{name: value for name, (value, _) in values.items()}}
             if any(value is None for value in attributes.values()):
                 continue
@@ -218,16 +221,24 @@ class CaptionEngine:
             caption.confidences.update({name: probability for name, (_, probability) in values.items()})
         return captions
 
-    def _generate(self, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[float]]]:
-        ids, logprobs = [], []
+    def _generate(self, rows: Sequence[dict]) -> tuple[list[list[int]], list[list[float]], dict | None]:
+        """Per row, the new tokens and their log-probs; the heads' log-probabilities per field when the
+        backend gave them (``Generated.heads``), else None."""
+        import torch
+
+        ids, logprobs, heads = [], [], []
         for start in range(0, len(rows), self.settings.decode_chunk):
-            self._extend(ids, logprobs, self.backend.generate_scored(rows[start : start + self.settings.decode_chunk],
-                                                                     self.settings))
-        return ids, logprobs
+            generated = Generated(*self.backend.generate_scored(rows[start : start + self.settings.decode_chunk],
+                                                                self.settings))
+            self._extend(ids, logprobs, generated)
+            heads.append(generated.heads)
+        if any(part is None for part in heads):
+            return ids, logprobs, None
+        return ids, logprobs, {name: torch.cat([part[name] for part in heads]) for name in heads[0]}
 
     def _extend(self, ids: list, logprobs: list, generated) -> None:
         """Keep each row's new tokens up to (not including) its end token, with their log-probs."""
-        sequences, scores = generated
+        sequences, scores = generated.ids, generated.logprobs
         stop = self.backend.stop_token_ids
         for row_ids, row_scores in zip(sequences.tolist(), scores.tolist()):
             end = next((i for i, t in enumerate(row_ids) if t in stop), len(row_ids))

@@ -115,8 +115,12 @@ def test_blip_loss_ignores_padding(blip, captions):
 
 
 def test_blip_generates_text_and_reloads(blip, captions, tmp_path):
+    from hemcap.engine import EngineSettings
+
     before = texts(blip, rows(captions), 5)
     assert len(before) == 3 and all(isinstance(t, str) for t in before)
+    ids, logprobs, heads = blip.generate_scored(rows(captions), EngineSettings(max_new_tokens=5))
+    assert ids.shape == logprobs.shape and heads is None  # no refiner to read the heads' log-probabilities
     blip.save(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert texts(load_trained(tmp_path / "m"), rows(captions), 5) == before

@@ -539,7 +539,18 @@ def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_pa
     assert scores["captions"] == read_model_info(model).training["metrics"]["field_accuracy"]["nucleus_shape"]
     engine = CaptionEngine.from_dir(model)
     rows = list(get_split(load_prepared(data)[0], "val"))
-    assert len(engine.caption_rows(rows)) == len(rows)  # the refiner runs inside the one decoding path
+    passes = {}
+    for refined_by in (None, engine.backend.refiner):  # the heads come from the captioning pass: no second one
+        engine.backend.refiner, calls = refined_by, []
+        hook = engine.backend.model.vision_model.register_forward_hook(lambda *_: calls.append(1))
+        assert len(engine.caption_rows(rows)) == len(rows)  # the refiner runs inside the one decoding path
+        hook.remove()
+        passes[refined_by is None] = len(calls)
+    assert passes[True] == passes[False] > 0
+    seen = engine.model_rows(rows[:2])
+    with torch.inference_mode():
+        heads, again = engine.backend.generate_scored(seen, engine.settings).heads, engine.backend.attribute_logprobs(seen)
+    assert heads.keys() == again.keys() and all(torch.allclose(heads[k], again[k], atol=1e-5) for k in heads)
     assert main(["eval", "--model", str(model), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["meta"]["refined"] == ["nucleus_shape"]
@@ -548,7 +559,6 @@ def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_pa
     assert "nucleus_shape: " in capsys.readouterr().out and read_model_info(model).refiner["cells"] == 12  # refitted
     again = load_trained(engine.backend.save(tmp_path / "again")).refiner  # a re-saved folder keeps it
     assert torch.equal(again.linear["nucleus_shape"].weight, engine.backend.refiner.linear["nucleus_shape"].weight)
-    seen = engine.model_rows(rows[:2])
     wanted = refined(engine.backend, seen)[0]["nucleus_shape"]
     stated = {name: rows[0][name] for name in engine.schema.field_names}
     complete = Caption("as generated", [], [], dict(stated), dict.fromkeys(stated, 0.5))

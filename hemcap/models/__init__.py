@@ -13,8 +13,8 @@ Importing this package imports neither torch nor transformers.
 """
 
 from hemcap.models.base import (
-    IGNORE_INDEX, Backend, BaseBackend, ModelError, count_parameters, enable_gradient_checkpointing, freeze_vision,
-    is_peft,
+    IGNORE_INDEX, Backend, BaseBackend, Generated, ModelError, count_parameters, enable_gradient_checkpointing,
+    freeze_vision, is_peft,
 )
 from hemcap.models.info import (
     BASE_MODEL_DIR, INFO_FILE, ModelInfo, ModelInfoError, find_model_dir, is_model_dir, read_model_info,
@@ -25,8 +25,8 @@ from hemcap.models.lora import add_lora, lora_targets, merge_lora
 from hemcap.models.registry import backend_class, backend_names, register_backend
 
 __all__ = [
-    "IGNORE_INDEX", "Backend", "BaseBackend", "ModelError", "count_parameters", "enable_gradient_checkpointing",
-    "freeze_vision", "is_peft", "BASE_MODEL_DIR", "INFO_FILE", "ModelInfo", "ModelInfoError", "find_model_dir",
-    "is_model_dir", "read_model_info", "write_model_info", "load_backend", "load_trained", "add_lora", "lora_targets",
-    "merge_lora", "backend_class", "backend_names", "register_backend",
+    "IGNORE_INDEX", "Backend", "BaseBackend", "Generated", "ModelError", "count_parameters",
+    "enable_gradient_checkpointing", "freeze_vision", "is_peft", "BASE_MODEL_DIR", "INFO_FILE", "ModelInfo",
+    "ModelInfoError", "find_model_dir", "is_model_dir", "read_model_info", "write_model_info", "load_backend",
+    "load_trained", "add_lora", "lora_targets", "merge_lora", "backend_class", "backend_names", "register_backend",
 ]

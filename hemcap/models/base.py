@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple, Protocol, Sequence
 
 from hemcap.models.info import BASE_MODEL_DIR, ModelInfo, write_model_info
 
@@ -29,6 +29,18 @@ IGNORE_INDEX = -100  # label value the loss skips
 
 class ModelError(ValueError):
     """A model, tokenizer or adapter setting that cannot work; the message says what to change."""
+
+
+class Generated(NamedTuple):
+    """What ``generate_scored`` returns, one row each (a plain ``(ids, logprobs)`` pair is read as one)."""
+
+    ids: Any
+    """New token ids, rows x steps."""
+    logprobs: Any
+    """Their log-probabilities, rows x steps."""
+    heads: dict | None = None
+    """The attribute heads' log-probabilities per field from the same vision pass, when the model has a
+    refiner (``hemcap.refine``): it then does not encode the images a second time."""
 
 
 class Backend(Protocol):
@@ -72,8 +84,8 @@ class Backend(Protocol):
     def collate(self, rows: Sequence[dict], train: bool) -> dict:
         """Model inputs for ``rows``; with ``train``, also ``labels`` (IGNORE_INDEX where no loss)."""
 
-    def generate_scored(self, rows: Sequence[dict], settings: EngineSettings) -> tuple[Any, Any]:
-        """(new token ids, their log-probabilities), one row each, decoded as ``settings`` say."""
+    def generate_scored(self, rows: Sequence[dict], settings: EngineSettings) -> Generated:
+        """New token ids and their log-probabilities, one row each, decoded as ``settings`` say."""
 
     def save(self, out_dir: str | Path) -> Path:
         """Write weights (or adapter), processor and ``ModelInfo``; the folder is then a model."""

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Sequence
 
 from hemcap.models import stem
 from hemcap.models.base import (
-    IGNORE_INDEX, BaseBackend, ModelError, focal_cross_entropy, load_hf_model, model_device, token_logprobs)
+    IGNORE_INDEX, BaseBackend, Generated, ModelError, focal_cross_entropy, load_hf_model, model_device,
+    token_logprobs)
 
 if TYPE_CHECKING:
     from hemcap.config import ModelConfig
@@ -104,9 +105,12 @@ class BlipBackend(BaseBackend):
 
     def attribute_logprobs(self, rows: Sequence[dict]) -> dict:
         """The attribute heads' log-probabilities per field for ``rows`` (one vision pass, fp32)."""
+        return self._heads_logprobs(self.encode_images(self.pixel_values(rows)))
+
+    def _heads_logprobs(self, image_embeds) -> dict:
         from hemcap.models import heads
 
-        logits = heads.heads_of(self.model).fp32_logits(self.encode_images(self.pixel_values(rows))[:, 0])
+        logits = heads.heads_of(self.model).fp32_logits(image_embeds[:, 0])
         return {name: values.log_softmax(-1) for name, values in logits.items()}
 
     def training_loss(self, model, batch: dict):
@@ -185,7 +189,8 @@ class BlipBackend(BaseBackend):
 
     def generate_scored(self, rows: Sequence[dict], settings):
         features = self.encode_images(self.pixel_values(rows), settings.vision_chunk)
-        return self.decode(features, settings.max_new_tokens, settings.num_beams, settings.min_new_tokens)
+        ids, logprobs = self.decode(features, settings.max_new_tokens, settings.num_beams, settings.min_new_tokens)
+        return Generated(ids, logprobs, self._heads_logprobs(features) if self.refiner is not None else None)
 
     def vision_chunk(self) -> int:
         """Images per vision-tower call: on a CPU, as many as keep one layer's activations within 4 MiB.

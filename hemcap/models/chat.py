@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Sequence
 
-from hemcap.models.base import IGNORE_INDEX, BaseBackend, ModelError, model_device, token_logprobs
+from hemcap.models.base import IGNORE_INDEX, BaseBackend, Generated, ModelError, model_device, token_logprobs
 
 if TYPE_CHECKING:
     from hemcap.config import ModelConfig
@@ -126,7 +126,7 @@ class ChatBackend(BaseBackend):
                                   min_new_tokens=settings.min_new_tokens, num_beams=settings.num_beams,
                                   do_sample=False, output_scores=True, return_dict_in_generate=True)
         new_tokens = out.sequences[:, batch["input_ids"].shape[1]:]
-        return new_tokens, token_logprobs(self.model, out, settings.num_beams)
+        return Generated(new_tokens, token_logprobs(self.model, out, settings.num_beams))
 
 
 def train_chat_tokenizer(texts: Sequence[str], vocab_size: int):
