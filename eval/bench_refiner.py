@@ -21,6 +21,9 @@ from hemcap.morphometry import nucleus_geometry
 from hemcap.recipes import get_split, load_prepared
 from hemcap.refine import seen_rgb
 
+RUNS = {"without": "without the refiner", "with": "with the refiner",
+        "second pass": "with it on a second vision pass"}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -41,31 +44,29 @@ def main() -> None:
     for row in seen:
         nucleus_geometry(seen_rgb(engine.backend, row))
     print(f"nucleus geometry: {1000 * (time.perf_counter() - started) / len(seen):.1f} ms per cell")
-    rates = {"without the refiner": [], "with the refiner": [], "with it on a second vision pass": []}
+    rates = {run: [] for run in RUNS}
     for _ in range(args.rounds):
-        for name in rates:
-            rates[name].append(len(rows) / _seconds(engine, rows, refiner, name))
-    best = {name: max(r) for name, r in rates.items()}
-    for name, r in rates.items():
-        print(f"{name}: best {best[name]:.1f} cells/s, median {np.median(r):.1f} ({args.rounds} rounds)")
-    without = best["without the refiner"]
-    print(f"ratio (with / without, best): {best['with the refiner'] / without:.2f}; "
-          f"on a second pass: {best['with it on a second vision pass'] / without:.2f}")
+        for run in RUNS:
+            rates[run].append(len(rows) / _seconds(engine, rows, refiner, run))
+    best = {run: max(r) for run, r in rates.items()}
+    for run, r in rates.items():
+        print(f"{RUNS[run]}: best {best[run]:.1f} cells/s, median {np.median(r):.1f} ({args.rounds} rounds)")
+    print(f"ratio (with / without, best): {best['with'] / best['without']:.2f}; "
+          f"on a second pass: {best['second pass'] / best['without']:.2f}")
 
 
-def _seconds(engine, rows, refiner, name: str) -> float:
-    """Seconds to caption ``rows``: without the refiner, with it, or with it after captioning unrefined
+def _seconds(engine, rows, refiner, run: str) -> float:
+    """Seconds to caption ``rows`` as ``run`` says; "second pass" captions unrefined, then refines
     (``_refined`` without the captioning pass's heads encodes the images again)."""
     import torch
 
-    engine.backend.refiner = refiner if name == "with the refiner" else None
+    engine.backend.refiner = refiner if run == "with" else None
     started = time.perf_counter()
     captions = engine.caption_rows(rows)
-    if name.endswith("second vision pass"):
-        engine.backend.refiner = refiner
+    engine.backend.refiner = refiner
+    if run == "second pass":
         with torch.inference_mode():
             engine._refined(captions, engine.model_rows(rows))
-    engine.backend.refiner = refiner
     return time.perf_counter() - started
 
 

@@ -69,12 +69,14 @@ def fit_refiner(model_dir: str | Path, data_dir: str | Path, fields: Sequence[st
     from hemcap.engine import CaptionEngine
     from hemcap.models import refiner as refiner_module
     from hemcap.models import write_model_info
+    from hemcap.recipes import load_prepared
 
     engine = CaptionEngine.from_dir(model_dir)
     backend, started = engine.backend, time.monotonic()
     _check_fields(backend, fields, model_dir)
-    rows = _rows(data_dir, split, cells)
-    val_rows = _rows(data_dir, val_split) if val_split else None  # read now: a missing split is said before the work
+    data = load_prepared(data_dir)[0]
+    rows = _rows(data, split, cells)
+    val_rows = _rows(data, val_split) if val_split else None  # read now: a missing split is said before the work
     inputs, labels = _measure(engine, rows, fields)
     sizes = {name: len(backend.schema.values(name)) for name in fields}
     fitted = refiner_module.fit(inputs, labels, sizes)
@@ -124,11 +126,11 @@ def _check_fields(backend, fields: Sequence[str], model_dir) -> None:
         raise RefineError(f"{model_dir}: cannot fit a refiner: " + "; ".join(problems))
 
 
-def _rows(data_dir, split: str, cells: int | None = None):
-    """Up to ``cells`` evenly spaced rows of a split (prepared splits are grouped by cell type); None: all."""
-    from hemcap.recipes import get_split, load_prepared
+def _rows(data, split: str, cells: int | None = None):
+    """Up to ``cells`` evenly spaced rows of a prepared dataset's split (grouped by cell type); None: all."""
+    from hemcap.recipes import get_split
 
-    rows = get_split(load_prepared(data_dir)[0], split)
+    rows = get_split(data, split)
     stride = max(1, len(rows) // max(cells, 1)) if cells else 1
     return rows.select(range(0, len(rows), stride)[: cells or len(rows)])
 

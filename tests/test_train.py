@@ -549,7 +549,8 @@ def test_train_refine_fits_the_refiner_and_captions_state_its_value(data, tmp_pa
     assert passes[True] == passes[False] > 0
     seen = engine.model_rows(rows[:2])
     with torch.inference_mode():
-        heads, again = engine.backend.generate_scored(seen, engine.settings).heads, engine.backend.attribute_logprobs(seen)
+        heads = engine.backend.generate_scored(seen, engine.settings).heads
+        again = engine.backend.attribute_logprobs(seen)
     assert heads.keys() == again.keys() and all(torch.allclose(heads[k], again[k], atol=1e-5) for k in heads)
     assert main(["eval", "--model", str(model), "--data", str(data), "--split", "validation",
                  "--out", str(tmp_path / "eval"), "--no-meteor"]) == 0

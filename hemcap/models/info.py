@@ -65,7 +65,8 @@ class ModelInfo:
     """A convolutional stem in place of the vision tower's patch layer (``hemcap.models.stem``); None: none."""
     refiner: dict | None = None
     """A second look at some fields from the heads and the nucleus geometry (``hemcap.models.refiner``):
-    fields (number of values each), inputs, cells fitted on, minutes, validation accuracy beside the captions'; None: none."""
+    fields (number of values each), inputs, cells fitted on, minutes, validation accuracy beside the
+    captions'; None: none."""
     test_metrics: dict | None = None
     """Headline figures on a held-out test split, once measured."""
     version: int = INFO_VERSION
