@@ -340,7 +340,7 @@ RESUME_FREE = {
     "train.threads", "train.prefetch",  # speed: the batches are a function of seed and step alone
     "train.log_every", "train.eval_every", "train.save_every", "train.keep_last",  # validation reads the
     # weights without changing them (greedy decoding, dropout off: no random draws)
-    "train.max_minutes", "train.patience",  # when to stop, not the steps before
+    "train.max_minutes", "train.patience",  # when to stop, not the steps before (but _changes_training)
     "train.max_steps", "train.epochs",  # compared as total_steps, the length the schedule follows
     "data.cache_dir",  # where decoded pixels are cached
     "model.gradient_checkpointing",  # recomputes the same activations (preserving the RNG): memory for time
@@ -357,10 +357,9 @@ def resume_changes(saved: dict, current: dict) -> list[str]:
     setting the checkpoint does not record (written by an older hemcap) is not compared.
     """
     old, new = _flat(saved), _flat(json.loads(json.dumps(current)))  # as saved: tuples become lists
-    length_matters = _length_matters({**old, **new})
+    both = {**old, **new}
     return [f"{RESOLVED.get(key, key)}: {_show(old[key])} → {_show(value)}" for key, value in new.items()
-            if key in old and old[key] != value and key not in RESUME_FREE
-            and (key != "total_steps" or length_matters)]
+            if key in old and old[key] != value and _changes_training(key, both)]
 
 
 # what a checkpoint records beside its config, as resume_changes names it
@@ -373,6 +372,15 @@ def _flat(record: dict) -> dict:
     config = record.get("config") or {}
     flat = {f"{section}.{key}": value for section, values in config.items() for key, value in values.items()}
     return flat | {key: record[key] for key in RESOLVED if key in record}
+
+
+def _changes_training(key: str, flat: dict) -> bool:
+    """Whether another value of ``key`` changes what the weights become at a step."""
+    if key == "total_steps":
+        return _length_matters(flat)
+    if key == "train.max_minutes":  # free, unless the schedule spans the time budget too
+        return flat.get("train.schedule_over") == "budget" and _length_matters(flat)
+    return key not in RESUME_FREE
 
 
 def _length_matters(flat: dict) -> bool:

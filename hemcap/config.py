@@ -333,8 +333,10 @@ class TrainConfig(_Section):
     """AdamW betas."""
     schedule: str = "cosine"
     """Learning-rate schedule after warm-up: cosine, linear or constant."""
+    schedule_over: str = "steps"
+    """What the schedule spans: steps (max_steps or epochs; max_minutes only stops) or budget (whichever of those and max_minutes runs out first)."""
     warmup_ratio: float = 0.1
-    """Share of the steps spent warming up linearly from 0."""
+    """Share of the schedule (its steps, or its budget: schedule_over) spent warming up linearly from 0."""
     max_grad_norm: float | None = 1.0
     """Clip the gradient norm to this (null: no clipping)."""
     ema: float | None = None
@@ -361,6 +363,7 @@ class TrainConfig(_Section):
         problems += _positive(self, "max_steps", "epochs", "max_minutes", "eval_every", "save_every",
                               "patience", "max_grad_norm", "threads", allow_none=True)
         problems += _one_of("schedule", self.schedule, ("cosine", "linear", "constant"))
+        problems += _one_of("schedule_over", self.schedule_over, ("steps", "budget"))
         problems += _one_of("precision", self.precision, (None, *PRECISIONS))
         problems += _in_range(self, "warmup_ratio", 0.0, 1.0)
         if self.ema is not None and not 0 < self.ema < 1:

@@ -103,13 +103,15 @@ def fit(cfg: RunConfig) -> Path:
                desc="train")
     clock, meter, stop_reason = _Clock(run.state["elapsed_s"]), _Meter(), None
     watch = threads.ThreadWatch(cfg.train.threads, threads.local_processes())  # the load changes over a long run
+    follow_budget(run)  # a resumed run: where the budget it has spent puts the schedule
     with contextlib.closing(run.inputs):  # the prefetch thread ends with training, or with its exception
         while run.state["step"] < run.total_steps and stop_reason is None:
             watch.tick()
             started = time.perf_counter()
             loss = train_step(run, run.state["step"])
             run.state["step"] += 1
-            run.state["elapsed_s"] = clock.elapsed()
+            run.state["elapsed_s"] = _shared_elapsed(run, clock)
+            follow_budget(run)
             meter.add(loss, time.perf_counter() - started)
             bar.update(1)
             if run.state["step"] % cfg.train.log_every == 0:
@@ -496,6 +498,30 @@ def train_step(run: Run, step: int) -> float:
     return total
 
 
+def follow_budget(run: Run) -> None:
+    """``train.schedule_over: budget``: the learning rate where the schedule stands at the share of the
+    budget spent, steps or minutes, whichever is further on, so a run the clock stops has annealed
+    (a cosine cut at a third of its steps would stop at 75 % of its peak rate)."""
+    tc = run.cfg.train
+    if tc.schedule_over != "budget" or not tc.max_minutes:
+        return
+    spent = max(run.state["step"] / run.total_steps, run.state["elapsed_s"] / (tc.max_minutes * 60))
+    at = min(spent, 1.0) * run.total_steps  # a fractional step: the schedules are smooth in it
+    for group, base, rate in zip(run.optimizer.param_groups, run.scheduler.base_lrs, run.scheduler.lr_lambdas):
+        group["lr"] = base * rate(at)
+
+
+def _shared_elapsed(run: Run, clock) -> float:
+    """The main process's training time, on every process: one clock stops them all at the same step (one
+    that stopped alone would leave the others waiting in their all-reduce) and gives them one learning rate."""
+    elapsed = [clock.elapsed()]
+    if run.accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(elapsed)
+    return elapsed[0]
+
+
 class _Clock:
     """Training time, carried across resumes."""
 
@@ -642,7 +668,7 @@ def _log_training(run: Run, meter: _Meter, bar) -> None:
     samples = meter.steps * run.batches.global_batch * run.cfg.train.grad_accum
     step = run.state["step"]
     record = {"step": step, "split": "train", "loss": meter.loss / meter.steps,
-              "lr": run.scheduler.get_last_lr()[0], "samples_per_s": samples / max(meter.seconds, 1e-9),
+              "lr": run.optimizer.param_groups[0]["lr"], "samples_per_s": samples / max(meter.seconds, 1e-9),
               "epoch": step * run.cfg.train.grad_accum / run.batches.steps_per_epoch,
               "elapsed_s": round(run.state["elapsed_s"], 1)}
     _write_log(run, record)
@@ -663,7 +689,6 @@ def _write_log(run: Run, record: dict) -> None:
 def _finish(run: Run) -> Path:
     """Copy the best checkpoint's model to ``<output_dir>/model``, its info holding the run's summary."""
     accelerator = run.accelerator
-    accelerator.end_training()
     final = run.out / FINAL_MODEL_DIR
     if accelerator.is_main_process:
         best = run.out / "checkpoints" / checkpoint.checkpoint_name(run.state["best_step"]) / checkpoint.MODEL_SUBDIR
@@ -680,6 +705,7 @@ def _finish(run: Run) -> Path:
             fit_refiner(final, run.cfg.data.path, run.cfg.train.refine, split=run.cfg.data.train_split,
                         val_split=run.cfg.data.val_split)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # last: it ends the process group too, which the barrier above needs
     return final
 
 

@@ -70,6 +70,14 @@ def test_a_longer_run_changes_training_unless_the_schedule_ignores_its_length(sc
     assert bool(changes) is refused
 
 
+@pytest.mark.parametrize("over, refused", [("steps", False), ("budget", True)])
+def test_a_new_time_budget_changes_training_only_where_the_schedule_spans_it(over, refused):
+    old = RunConfig.from_dict({"train": {"schedule_over": over, "max_minutes": 60}})
+    new = RunConfig.from_dict({"train": {"schedule_over": over, "max_minutes": 30}})
+    changes = checkpoint.resume_changes(saved(old), {"config": new.to_dict()})
+    assert changes == (["train.max_minutes: 60.0 → 30.0"] if refused else [])
+
+
 def test_a_setting_an_older_checkpoint_does_not_record_is_not_compared():
     state = saved(RunConfig())
     del state["config"]["augment"]["noise"]

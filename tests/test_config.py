@@ -75,11 +75,12 @@ def test_all_problems_are_reported_at_once():
 
 def test_value_checks_follow_type_checks_in_each_section():
     with pytest.raises(ConfigError) as error:
-        RunConfig.from_dict({"train": {"lr": -1, "precision": "fp8", "schedule": "zigzag"}})
+        RunConfig.from_dict({"train": {"lr": -1, "precision": "fp8", "schedule": "zigzag", "schedule_over": "hours"}})
     message = str(error.value)
     assert "train.lr=-1.0 should be > 0" in message
     assert "train.precision='fp8' should be one of None, " + ", ".join(PRECISIONS) in message
     assert "train.schedule='zigzag'" in message
+    assert "train.schedule_over='hours' should be one of steps, budget" in message
 
 
 def test_ints_are_accepted_for_floats():

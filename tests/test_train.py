@@ -1,8 +1,11 @@
 """The trainer on tiny random models and a tiny synthetic set: end to end, resume, NaN stop, output dirs."""
 
+import contextlib
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -188,6 +191,25 @@ def test_chat_model_trains_through_the_cli(data, tmp_path):
 
 
 @pytest.mark.slow
+def test_two_processes_under_a_time_budget_stop_together(tmp_path):
+    """Two CPU processes under torchrun read one clock: both stop at the same step, the model is written
+    and the run ends cleanly (the process group outlives the last barrier)."""
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "hemcap/train.py",
+               "--config", "configs/blip_tiny.yaml", "--output-dir", str(out), "--set",
+               f"data.path={tmp_path / 'synthetic_tiny'}", "--set", "train.max_steps=100000", "--set",
+               "train.max_minutes=0.05", "--set", "train.schedule_over=budget"]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                               "ACCELERATE_USE_CPU": "true"})  # gloo: without it each process trains alone
+    assert done.returncode == 0, done.stderr[-3000:]
+    stops = re.findall(r"stopping at step (\d+): time budget of 0.05 min reached", done.stderr)
+    assert len(stops) == 2 and stops[0] == stops[1]
+    assert read_model_info(out / "model").training["steps"] == int(stops[0])
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_accelerate_launch_blip_tiny_end_to_end(tmp_path, lora):
     """The documented command, on the shipped config, writes a model that reloads and generates."""
@@ -237,6 +259,24 @@ def test_early_stopping_and_the_time_budget(data, tmp_path, monkeypatch):
     out = tmp_path / "budget"
     fit(tiny_blip(data, out, max_steps=10, max_minutes=1e-6))
     assert sorted(losses(out)) == [1]
+
+
+def test_a_budget_schedule_follows_steps_or_minutes_whichever_is_further_on(data, tmp_path):
+    from hemcap.train import follow_budget, setup
+
+    run = setup(tiny_blip(data, tmp_path / "setup", max_steps=100, max_minutes=10.0, warmup_ratio=0.0,
+                          schedule_over="budget"))
+    with contextlib.closing(run.inputs):
+        for step, minutes, spent in [(0, 5.0, 0.5), (80, 5.0, 0.8), (10, 12.0, 1.0)]:
+            run.state.update(step=step, elapsed_s=minutes * 60)
+            follow_budget(run)
+            assert run.optimizer.param_groups[0]["lr"] == pytest.approx(1e-3 * (1 + math.cos(math.pi * spent)))
+
+    out = tmp_path / "clock"  # stopped by the clock long before its steps: annealed all the same
+    fit(tiny_blip(data, out, max_steps=1000, max_minutes=0.02, schedule_over="budget"))
+    records = [json.loads(line) for line in (out / LOG_FILE).read_text().splitlines()]
+    rates = [r["lr"] for r in records if r["split"] == "train"]
+    assert len(rates) < 1000 and rates[-1] == 0.0
 
 
 def test_precision_defaults_to_fp32_on_cpu_and_fp16_needs_cuda():
