@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hemcap.parsing import compiled_parser, normalize, parse, phrase_table
+from hemcap.parsing import compiled_parser, expand, normalize, parse, phrase_table
 from hemcap.schema import SchemaError, build_schema, load_schema
 
 DEV_SET = Path(__file__).parent / "data" / "parser_dev.jsonl"
@@ -160,6 +160,13 @@ def test_explain_gives_the_span_each_attribute_was_read_from():
     assert [text[a:b] for a, b in parsed.spans["cytoplasm_vacuole"]] == ["Vacuoles"]
     assert [text[a:b] for a, b in parsed.spans["granularity"]] == ["granules"]
     assert parse(text) == parsed and parse(text).spans == {}
+
+
+def test_a_reading_entry_stands_for_each_of_its_phrases_once():
+    phrases = expand("(about |)(red (blood |)cell(s|)|rbc(s|))")
+    assert len(phrases) == len(set(phrases)) == 2 * (4 + 2)  # nested groups expand only in their own option
+    assert {"about red blood cells", "rbc", "red cell"} <= set(phrases)
+    assert expand("a (b|c") == ["a (b|c"] and expand("(c (a|b)") == ["(c a", "(c b"]  # an unclosed "(" is text
 
 
 def test_reading_entries_must_be_text():
