@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import xml.etree.ElementTree as ET
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -628,13 +630,25 @@ def draw_cell(attributes: dict[str, str], size: int = 128, seed: int = 0) -> Ima
                       streams["noise"], blur)
 
 
-def make_cells(n: int, seed: int = 0, size: int = 128) -> list[tuple[Image.Image, dict[str, str]]]:
+def make_cells(n: int, seed: int = 0, size: int = 128, workers: int = 1) -> list[tuple[Image.Image, dict[str, str]]]:
     """n (image, attributes) pairs, cell types in turn (balanced to within one).
 
-    Cell i depends only on (seed, i), so make_cells(10)[:5] == make_cells(5).
+    Cell i depends only on (seed, i), so make_cells(10)[:5] == make_cells(5), whatever the number of
+    ``workers`` (processes that draw them in parts: a 96 px cell takes ~11 ms on a 2-core EPYC).
     """
+    if workers <= 1 or n < 2 * workers:
+        return _draw_cells(n, seed, size, 0, n)
+    bounds = np.linspace(0, n, workers + 1).astype(int).tolist()
+    spawn = multiprocessing.get_context("spawn")  # not fork: the caller may hold torch's OpenMP threads
+    with ProcessPoolExecutor(workers, mp_context=spawn) as pool:
+        parts = pool.map(_draw_cells, [n] * workers, [seed] * workers, [size] * workers, bounds[:-1], bounds[1:])
+        return [cell for part in parts for cell in part]
+
+
+def _draw_cells(n: int, seed: int, size: int, start: int, stop: int) -> list[tuple[Image.Image, dict[str, str]]]:
+    """Cells start..stop-1 of make_cells(n, seed, size)."""
     cells = []
-    for i, child in enumerate(np.random.SeedSequence(seed).spawn(n)):
+    for i, child in enumerate(np.random.SeedSequence(seed).spawn(n)[start:stop], start):
         rng = np.random.default_rng(child)
         attributes = sample_attributes(rng, CELL_TYPES[i % len(CELL_TYPES)])
         cells.append((draw_cell(attributes, size, int(rng.integers(2**31))), attributes))

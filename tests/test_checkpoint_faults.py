@@ -41,7 +41,8 @@ PRELOAD = ["hemcap.train", "hemcap.engine", "hemcap.metrics", "hemcap.smear.pipe
            "torch.utils.tensorboard", "torch._inductor.pattern_matcher", "transformers.models.blip.modeling_blip",
            "transformers.models.blip.processing_blip", "transformers.models.blip.image_processing_pil_blip",
            "transformers.optimization", "datasets", "peft", "nltk", "networkx", "scipy.stats", "skimage.morphology",
-           "bitsandbytes", "pycocoevalcap.bleu.bleu", "pycocoevalcap.cider.cider"]
+           "bitsandbytes", "pycocoevalcap.bleu.bleu", "pycocoevalcap.cider.cider",
+           "tests.forkserver_preload"]  # found from the repository root, where pytest runs
 RUN_TIMEOUT_S = 120
 
 
