@@ -283,6 +283,19 @@ def test_a_budget_schedule_follows_steps_or_minutes_whichever_is_further_on(data
     assert len(rates) < 1000 and rates[-1] == 0.0
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
+def test_the_schedules_are_transformers_own(schedule):
+    from transformers import get_scheduler
+
+    from hemcap.train import SCHEDULES
+
+    name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    theirs = get_scheduler(name, optimizer, num_warmup_steps=5, num_training_steps=40).lr_lambdas[0]
+    for step in [0, 1, 2.5, 5, 17.25, 39, 40, 41]:  # fractional steps: a time budget's position
+        assert SCHEDULES[schedule](step, warmup=5, total=40) == pytest.approx(theirs(step), abs=1e-12), step
+
+
 def test_precision_defaults_to_fp32_on_cpu_and_fp16_needs_cuda():
     from hemcap.config import ConfigError
     from hemcap.train import resolve_precision
