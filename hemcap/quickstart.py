@@ -76,12 +76,14 @@ def latest_run_model(runs_dir: str | Path = "runs") -> Path | None:
 def prepare_data(options: QuickstartOptions, run_dir: Path) -> Path:
     from hemcap import recipes
     from hemcap.config import load_config
+    from hemcap.threads import free_cores
 
     out = run_dir / "data"
     if options.data == "wbcatt":
         return recipes.prepare_wbcatt(options.data_dir, out, seed=options.seed)
     size = load_config(config_path(CONFIGS["synthetic"])).model.vision_config["image_size"]  # cells drawn at the model's input size
-    return recipes.prepare_synthetic(out, n_train=4000, n_val=100, n_test=200, size=size, seed=options.seed)
+    return recipes.prepare_synthetic(out, n_train=4000, n_val=100, n_test=200, size=size, seed=options.seed,
+                                     workers=free_cores())  # 4,300 cells: 43 s on one core of a 2-core EPYC
 
 
 def train_model(options: QuickstartOptions, run_dir: Path, data_dir: Path) -> Path:

@@ -112,14 +112,14 @@ def prepare_synthetic(
     n_test: int = 200,
     size: int = 128,
     seed: int = 0,
+    workers: int = 1,
     **options,
 ) -> Path:
-    """Procedural cells from ``hemcap.synthetic``: deterministic by seed, balanced over cell types; drawn
-    by one process per free core when there are 1,000 or more (a process takes ~1 s to start)."""
+    """Procedural cells from ``hemcap.synthetic``: deterministic by seed, balanced over cell types, the same
+    for any number of ``workers`` (processes that draw them: the caller's main module must be guarded by
+    ``if __name__ == "__main__"``, as the ``hemcap`` commands are)."""
     from hemcap import synthetic
-    from hemcap.threads import free_cores
 
-    workers = free_cores() if n_train + n_val + n_test >= 1000 else 1
     records = []
     for index, (split, n) in enumerate(zip(SPLITS, (n_train, n_val, n_test))):
         cells = synthetic.make_cells(n, seed * 10 + index, size, workers)  # distinct seeds per split

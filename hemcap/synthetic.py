@@ -630,13 +630,17 @@ def draw_cell(attributes: dict[str, str], size: int = 128, seed: int = 0) -> Ima
                       streams["noise"], blur)
 
 
+CELLS_PER_WORKER = 250  # a 96 px cell takes ~11 ms on a 2-core EPYC, starting a process ~1 s
+
+
 def make_cells(n: int, seed: int = 0, size: int = 128, workers: int = 1) -> list[tuple[Image.Image, dict[str, str]]]:
     """n (image, attributes) pairs, cell types in turn (balanced to within one).
 
     Cell i depends only on (seed, i), so make_cells(10)[:5] == make_cells(5), whatever the number of
-    ``workers`` (processes that draw them in parts: a 96 px cell takes ~11 ms on a 2-core EPYC).
+    ``workers``: processes that draw them in parts of at least ``CELLS_PER_WORKER``. They are spawned,
+    so they import the caller's main module.
     """
-    if workers <= 1 or n < 2 * workers:
+    if workers <= 1 or n < CELLS_PER_WORKER * workers:
         return _draw_cells(n, seed, size, 0, n)
     bounds = np.linspace(0, n, workers + 1).astype(int).tolist()
     spawn = multiprocessing.get_context("spawn")  # not fork: the caller may hold torch's OpenMP threads
