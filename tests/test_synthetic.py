@@ -116,6 +116,7 @@ def test_make_cells_is_balanced_deterministic_and_prefix_stable():
         assert attributes == attributes2 and image.tobytes() == image2.tobytes()
     assert all(image.size == (48, 48) for image, _ in cells)
 
+
 def test_cells_drawn_by_several_processes_are_the_same(monkeypatch):
     monkeypatch.setattr(synthetic, "CELLS_PER_WORKER", 4)
     parted = synthetic.make_cells(12, seed=3, size=48, workers=3)  # three processes draw four cells each
