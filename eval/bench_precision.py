@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-
-from bench_threads import _median
 
 ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("fp32", "bf16")
@@ -72,7 +71,7 @@ def run_rounds(args, data: Path, work: Path) -> dict[str, list[float]]:
 def report(results: dict[str, list[float]]) -> str:
     from hemcap.train import cpu_has_native_bf16, resolve_precision
 
-    medians = {p: _median(figures) for p, figures in results.items()}
+    medians = {p: statistics.median(figures) for p, figures in results.items()}
     auto, faster = resolve_precision("auto"), max(medians, key=medians.get)
     lines = ["| precision | " + " | ".join(f"round {i + 1}" for i in range(len(results["fp32"]))) + " | median samples/s |",
              "|---|" + "---|" * len(results["fp32"]) + "---|"]

@@ -24,6 +24,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -143,13 +144,6 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def _median(values: list[float]) -> float:
-    """The middle figure: one round hit by a burst of other agents' work moves it least."""
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def report(results: dict, rounds: int) -> str:
     rounds_head = " | ".join(f"round {i + 1}" for i in range(rounds))
     lines = [f"| condition | threads | other work at start / while training (cores) | {rounds_head} | median samples/s |",
@@ -159,7 +153,7 @@ def report(results: dict, rounds: int) -> str:
         threads = "/".join(str(r["threads"]) for r in runs)
         load = " ; ".join("/".join(f"{r[key]:.1f}" for r in runs) for key in ("load_at_start", "load_during"))
         lines.append(f"| {_label(busy, setting, passive)} | {threads} | {load} | {figures} | "
-                     f"{_median([r['samples_s'] for r in runs]):.1f} |")
+                     f"{statistics.median([r['samples_s'] for r in runs]):.1f} |")
     return "\n".join(lines + ["", *ratios(results), *quiet_note(results)])
 
 
@@ -177,7 +171,7 @@ def ratios(results: dict) -> list[str]:
     lines = []
     for passive in sorted({p for _, _, p in results}):
         for busy, target in ((True, ">= 1.70"), (False, "0.95-1.05")):
-            new, old = (_median([r["samples_s"] for r in results[(busy, s, passive)]]) for s in SETTINGS)
+            new, old = (statistics.median([r["samples_s"] for r in results[(busy, s, passive)]]) for s in SETTINGS)
             policy = " (OMP_WAIT_POLICY=PASSIVE)" if passive else ""
             condition = "one busy process" if busy else "no busy process"
             lines.append(f"{condition}{policy}: default / 2 threads = {new / old:.2f}x (target {target})")
