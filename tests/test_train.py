@@ -283,6 +283,20 @@ def test_a_budget_schedule_follows_steps_or_minutes_whichever_is_further_on(data
     assert len(rates) < 1000 and rates[-1] == 0.0
 
 
+def test_the_step_a_time_budget_ends_at(data, tmp_path):
+    from hemcap.train import budget_end, setup
+
+    run = setup(tiny_blip(data, tmp_path / "setup", max_steps=100, max_minutes=10.0))
+    with contextlib.closing(run.inputs):
+        run.state.update(step=10, elapsed_s=60.0)
+        assert budget_end(run, seconds_per_step=6.0) == 100  # 540 s left hold the 90 steps left
+        assert budget_end(run, seconds_per_step=12.0) == 55
+        run.state.update(elapsed_s=700.0)
+        assert budget_end(run, seconds_per_step=12.0) == 10  # over budget: it stops here
+        run.cfg.train.max_minutes = None
+        assert budget_end(run, seconds_per_step=12.0) == 100
+
+
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
 def test_the_schedules_are_transformers_own(schedule):
     from transformers import get_scheduler
