@@ -692,27 +692,28 @@ def _log_training(run: Run, meter: _Meter, bar) -> None:
               "epoch": step * run.cfg.train.grad_accum / run.batches.steps_per_epoch,
               "elapsed_s": round(run.state["elapsed_s"], 1)}
     _write_log(run, record)
-    _follow_the_clock(run, bar, meter.seconds / meter.steps, record["samples_per_s"])
+    _follow_the_clock(run, bar)
     bar.set_postfix(loss=f"{record['loss']:.4f}", samples_s=f"{record['samples_per_s']:.1f}")
     meter.reset()
 
 
-def budget_end(run: Run, seconds_per_step: float) -> int:
-    """The step the run will end at: its last, or where ``max_minutes`` stops it at this speed."""
-    tc = run.cfg.train
-    if not tc.max_minutes or seconds_per_step <= 0:
+def budget_end(run: Run) -> int:
+    """The step the run will end at: its last, or where ``max_minutes`` stops it at the pace so far
+    (validations included: they recur)."""
+    tc, step = run.cfg.train, run.state["step"]
+    if not tc.max_minutes or not step:
         return run.total_steps
     left = tc.max_minutes * 60 - run.state["elapsed_s"]
-    return min(run.total_steps, run.state["step"] + max(0, math.ceil(left / seconds_per_step)))
+    return min(run.total_steps, step + max(0, math.ceil(left * step / run.state["elapsed_s"])))
 
 
-def _follow_the_clock(run: Run, bar, seconds_per_step: float, samples_per_s: float) -> None:
+def _follow_the_clock(run: Run, bar) -> None:
     """The bar's total and time left as the budget sets them: without native bf16 the WBCAtt recipe's
     minutes run out near step 1,060 of 3,600, where a bar counting to 3,600 showed 3.5 hours to go."""
-    ends = budget_end(run, seconds_per_step)
+    ends = budget_end(run)
     if ends < bar.total == run.total_steps:
-        log.info("at %.1f samples/s the %g-minute budget holds about %d of the %d steps", samples_per_s,
-                 run.cfg.train.max_minutes, ends, run.total_steps)
+        log.info("at this pace the %g-minute budget holds about %d of the %d steps", run.cfg.train.max_minutes,
+                 ends, run.total_steps)
     if ends != bar.total:
         bar.total = ends
         bar.refresh()

@@ -288,13 +288,15 @@ def test_the_step_a_time_budget_ends_at(data, tmp_path):
 
     run = setup(tiny_blip(data, tmp_path / "setup", max_steps=100, max_minutes=10.0))
     with contextlib.closing(run.inputs):
+        assert budget_end(run) == 100  # no step taken: no pace yet
         run.state.update(step=10, elapsed_s=60.0)
-        assert budget_end(run, seconds_per_step=6.0) == 100  # 540 s left hold the 90 steps left
-        assert budget_end(run, seconds_per_step=12.0) == 55
+        assert budget_end(run) == 100  # 6 s a step: the 540 s left hold the 90 steps left
+        run.state.update(elapsed_s=120.0)
+        assert budget_end(run) == 50  # 12 s a step: 480 s, 40 steps
         run.state.update(elapsed_s=700.0)
-        assert budget_end(run, seconds_per_step=12.0) == 10  # over budget: it stops here
+        assert budget_end(run) == 10  # over budget: it stops here
         run.cfg.train.max_minutes = None
-        assert budget_end(run, seconds_per_step=12.0) == 100
+        assert budget_end(run) == 100
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "linear", "constant"])
