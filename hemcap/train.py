@@ -700,11 +700,10 @@ def _log_training(run: Run, meter: _Meter, bar) -> None:
 def budget_end(run: Run) -> int:
     """The step the run will end at: its last, or where ``max_minutes`` stops it at the pace so far
     (validations included: they recur)."""
-    tc, step = run.cfg.train, run.state["step"]
-    if not tc.max_minutes or not step:
+    tc, step, elapsed = run.cfg.train, run.state["step"], run.state["elapsed_s"]
+    if not tc.max_minutes or not elapsed:
         return run.total_steps
-    left = tc.max_minutes * 60 - run.state["elapsed_s"]
-    return min(run.total_steps, step + max(0, math.ceil(left * step / run.state["elapsed_s"])))
+    return min(run.total_steps, step + max(0, math.ceil((tc.max_minutes * 60 - elapsed) * step / elapsed)))
 
 
 def _follow_the_clock(run: Run, bar) -> None:
